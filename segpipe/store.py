@@ -1,0 +1,103 @@
+"""The Zarr (v3) store: the one place that knows how cases, masks and predictions lie on disk.
+
+Layout of a store `<name>.zarr`:
+    attrs: {"dataset": str, "classes": [str, ...], plus whatever the writer adds (ingest params, skipped files)}
+    <case_id>/                       one group per case
+        attrs: case id, group id, source path, sha256, original size, kind ("image" | "video"), ...
+        image   (H, W) or (H, W, 3) for an image, (T, H, W) for a video; uint8/uint16
+        mask    (C, H, W) for an image, (T, C, H, W) for a video; uint8, one binary channel per class
+        prob    same shape as mask, float16 probabilities (prediction stores)
+        <other> any per-case array (e.g. frame timestamps, pseudo-label confidence)
+
+Every array is written in one go, chunked for partial reads and sharded (one shard file per
+array) so a large dataset stays a few files per case for DVC to hash.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from segpipe.errors import StoreError
+
+IMAGE, VIDEO = "image", "video"
+
+
+def default_chunks(name: str, shape: tuple[int, ...], kind: str, chunk: int, frames: int) -> tuple[int, ...]:
+    """Chunks that let readers take a tile (images) or a run of frames (videos) cheaply."""
+    if kind == VIDEO:
+        return (min(frames, shape[0]),) + tuple(shape[1:])
+    if name == "image":  # (H, W[, C]): spatial tiles, channels together
+        return (min(chunk, shape[0]), min(chunk, shape[1])) + tuple(shape[2:])
+    # (C, H, W) and other per-class arrays: one class per chunk
+    return (1,) * (len(shape) - 2) + (min(chunk, shape[-2]), min(chunk, shape[-1]))
+
+
+class CaseStore:
+    """Read and write one segpipe Zarr store."""
+
+    def __init__(self, path: Path | str, mode: str = "r"):
+        self.path = Path(path)
+        if mode == "r" and not (self.path / "zarr.json").exists():
+            raise StoreError(f"{self.path}: not a Zarr store (no zarr.json)")
+        self.root = zarr.open_group(str(self.path), mode=mode, zarr_format=3)
+
+    @classmethod
+    def create(cls, path: Path | str, dataset: str, classes: list[str], **attrs: Any) -> CaseStore:
+        store = cls(path, mode="w")
+        store.root.attrs.update({"dataset": dataset, "classes": list(classes), **attrs})
+        return store
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        return self.root.attrs.asdict()
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.attrs["classes"])
+
+    def case_ids(self) -> list[str]:
+        return sorted(self.root.group_keys())
+
+    def case(self, case_id: str) -> zarr.Group:
+        try:
+            return self.root[case_id]
+        except KeyError:
+            raise StoreError(f"{self.path}: no case {case_id!r}") from None
+
+    def case_attrs(self, case_id: str) -> dict[str, Any]:
+        return self.case(case_id).attrs.asdict()
+
+    def array(self, case_id: str, name: str) -> zarr.Array:
+        group = self.case(case_id)
+        if name not in group:
+            raise StoreError(f"{self.path}: case {case_id!r} has no {name!r} array")
+        return group[name]
+
+    def has(self, case_id: str, name: str) -> bool:
+        return case_id in self.root and name in self.root[case_id]
+
+    def is_video(self, case_id: str) -> bool:
+        return self.case_attrs(case_id).get("kind") == VIDEO
+
+    def write_case(self, case_id: str, attrs: dict[str, Any]) -> zarr.Group:
+        """Create (or replace) a case group with its attrs."""
+        group = self.root.create_group(case_id, overwrite=True)
+        group.attrs.update({"case_id": case_id, **attrs})
+        return group
+
+    def write_array(
+        self, case_id: str, name: str, data: np.ndarray, chunk: int = 512, frames: int = 16
+    ) -> zarr.Array:
+        """Write one whole array of a case, chunked and sharded as the layout prescribes."""
+        kind = self.case_attrs(case_id).get("kind", IMAGE)
+        chunks = default_chunks(name, data.shape, kind, chunk, frames)
+        shards = tuple(-(-s // c) * c for s, c in zip(data.shape, chunks))  # whole array, chunk-aligned
+        return self.case(case_id).create_array(name, data=data, chunks=chunks, shards=shards, overwrite=True)
+
+
+def frames_of(array: np.ndarray, is_video: bool) -> np.ndarray:
+    """View an image or mask as a stack of 2-D frames: images gain a leading frame axis of 1."""
+    return array if is_video else array[None]

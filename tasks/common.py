@@ -1,0 +1,60 @@
+"""What every stage shares: default paths, params loading, offline settings, error reporting."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from segpipe.config import Params, load_params
+from segpipe.errors import SegpipeError
+
+PARAMS = Path("params.yaml")
+INTERIM = Path("data/interim")
+SPLITS = Path("data/splits")
+PREDICTIONS = Path("data/predictions")
+MODELS = Path("models")
+REPORTS = Path("reports")
+
+# Offline hygiene: no analytics or update checks from the libraries a stage imports.
+OFFLINE_ENV = {
+    "DO_NOT_TRACK": "1",
+    "NO_ALBUMENTATIONS_UPDATE": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+}
+for _key, _value in OFFLINE_ENV.items():
+    os.environ.setdefault(_key, _value)
+
+
+def store_path(dataset: str) -> Path:
+    return INTERIM / f"{dataset}.zarr"
+
+
+def labels_path(dataset: str, params: Params) -> Path:
+    """Where a dataset's training masks live: its ingest store, or the pseudo-label store."""
+    if params.dataset(dataset).labels == "pseudolabel":
+        return INTERIM / f"{dataset}_pseudo.zarr"
+    return store_path(dataset)
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--params", type=Path, default=PARAMS, help="params.yaml to read (default: %(default)s)")
+    return p
+
+
+def run(main: Callable[[argparse.Namespace], None], args: argparse.ArgumentParser) -> None:
+    """Parse arguments, run the stage, and turn segpipe's errors into one clear line and exit 1."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    ns = args.parse_args()
+    try:
+        main(ns)
+    except SegpipeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
+
+
+def params_of(ns: argparse.Namespace) -> Params:
+    return load_params(ns.params)
