@@ -13,6 +13,7 @@ from segpipe.errors import SegpipeError
 
 PARAMS = Path("params.yaml")
 INTERIM = Path("data/interim")
+LABELS = Path("data/labels")
 SPLITS = Path("data/splits")
 PREDICTIONS = Path("data/predictions")
 MODELS = Path("models")
@@ -32,11 +33,14 @@ def store_path(dataset: str) -> Path:
     return INTERIM / f"{dataset}.zarr"
 
 
-def labels_path(dataset: str, params: Params) -> Path:
-    """Where a dataset's training masks live: its ingest store, or the pseudo-label store."""
-    if params.dataset(dataset).labels == "pseudolabel":
-        return INTERIM / f"{dataset}_pseudo.zarr"
-    return store_path(dataset)
+def labels_path(dataset: str) -> Path:
+    """Where a dataset's training masks live, given or pseudo-labelled (see segpipe.labels)."""
+    return LABELS / f"{dataset}.zarr"
+
+
+def member_path(dataset: str, arch: str, fold: int) -> Path:
+    """One fold's predictions; all members of a dataset lie under one folder the ensemble depends on."""
+    return PREDICTIONS / dataset / "folds" / arch / f"fold{fold}.zarr"
 
 
 def parser(description: str) -> argparse.ArgumentParser:

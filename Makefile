@@ -1,0 +1,35 @@
+# Set-up and the two entry points: `make demo` (the whole pipeline on the embedded demo data)
+# and `make test`. Both create .venv and install into it when missing.
+VENV := .venv
+BIN := $(VENV)/bin
+SHELL := /bin/bash
+
+# Offline hygiene for every command run from here (the stage modules set the same defaults).
+export DO_NOT_TRACK := 1
+export NO_ALBUMENTATIONS_UPDATE := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PREFECT_HOME := $(CURDIR)/.prefect
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 180
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+
+.PHONY: demo test flow install
+
+install: $(VENV)/.installed
+
+# torch==2.13.0 is pinned in pyproject.toml and installed in the same pip call as monai, so pip
+# takes the local CPU wheel instead of resolving a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || python3 -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $@
+
+demo: install
+	dvc repro
+	@echo "== metrics of every dataset's ensemble on its held-out demo test set =="
+	dvc metrics show
+
+flow: install
+	python -m flows.pipeline run
+
+test: install
+	python -m pytest

@@ -1,0 +1,153 @@
+"""Hand-bone X-rays: `<split>/DCM/<patient>/<stem>.png` + `<split>/outputs_json/<patient>/<stem>.json`.
+
+`<split>` is `train` and/or `test`. A split with an `outputs_json/` folder is labelled, and then
+every image needs its JSON (and every JSON its image); a split without one (the usual `test`)
+is ingested unlabelled. The patient folder is the group. Images may be any size.
+
+Pixel convention of the masks: the polygon's vertices are pixel centres (x = column, y = row),
+and a pixel is set when its centre lies inside the polygon or on its boundary. That is what
+PIL's `ImageDraw.polygon` fill does; tests pin it against hand-computed pixel sets. Each class
+is one channel and polygons of different classes may overlap.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from segpipe.datasets import CaseData, RawCase, Scan, open_image, split_by_suffix, visible
+from segpipe.errors import IngestError
+
+CARPALS = ["Trapezium", "Trapezoid", "Capitate", "Hamate", "Scaphoid", "Lunate", "Triquetrum", "Pisiform"]
+CLASSES = [f"finger-{i}" for i in range(1, 20)] + CARPALS + ["Radius", "Ulna"]
+CHANNEL = {name: i for i, name in enumerate(CLASSES)}
+SPLITS = ("train", "test")
+# A vertex may sit on the far edge of the last pixel; further out means the annotation does not
+# belong to an image of this size.
+EDGE_SLACK = 1.0
+
+
+def scan(raw: Path) -> Scan:
+    cases: list[RawCase] = []
+    problems: list[IngestError] = []
+    for split in SPLITS:
+        if (raw / split / "DCM").is_dir():
+            found, trouble = _scan_split(raw / split, split)
+            cases += found
+            problems += trouble
+    if not cases and not problems:
+        problems.append(IngestError(raw, f"no images found under {{{','.join(SPLITS)}}}/DCM/<patient>/"))
+    return Scan(sorted(cases, key=lambda c: c.case_id), problems)
+
+
+def list_cases(raw: Path) -> list[RawCase]:
+    return scan(raw).strict()
+
+
+def load_case(case: RawCase) -> CaseData:
+    image = _gray(case.source)
+    mask = None if case.label is None else rasterise(_annotations(case.label), image.shape, case.label)
+    attrs = {"kind": "image", "split": case.meta["split"], "labelled": case.label is not None}
+    return CaseData(image=image, mask=mask, attrs=attrs)
+
+
+def rasterise(annotations: list[dict[str, Any]], shape: tuple[int, ...], where: Path) -> np.ndarray:
+    """(C, H, W) uint8 multi-label mask: each polygon filled into its class channel."""
+    height, width = shape[:2]
+    canvases: dict[int, Image.Image] = {}
+    for i, ann in enumerate(annotations):
+        label = ann.get("label")
+        if label not in CHANNEL:
+            raise IngestError(where, f"annotation {i}: unknown label {label!r}")
+        points = _polygon(ann.get("points"), f"annotation {i} ({label})", (height, width), where)
+        canvas = canvases.setdefault(CHANNEL[label], Image.new("L", (width, height), 0))
+        ImageDraw.Draw(canvas).polygon(points, fill=1)
+    mask = np.zeros((len(CLASSES), height, width), dtype=np.uint8)
+    for channel, canvas in canvases.items():
+        mask[channel] = np.asarray(canvas)
+    return mask
+
+
+def _scan_split(root: Path, split: str) -> tuple[list[RawCase], list[IngestError]]:
+    labels = root / "outputs_json"
+    labelled = labels.is_dir()
+    cases: list[RawCase] = []
+    problems: list[IngestError] = []
+    for patient in visible(root / "DCM"):
+        if not patient.is_dir():
+            problems.append(IngestError(patient, "stray entry: expected only patient folders in DCM/"))
+            continue
+        images, stray = split_by_suffix(patient, {".png"})
+        jsons, stray_json = _label_files(labels / patient.name, labelled)
+        problems += stray + stray_json
+        for stem in sorted(jsons.keys() - images.keys()):
+            problems.append(IngestError(jsons[stem], "annotation without its image in DCM/"))
+        for stem, image in sorted(images.items()):
+            if labelled and stem not in jsons:
+                problems.append(IngestError(image, f"image without its annotation JSON in {labels.name}/"))
+                continue
+            meta = {"split": split}
+            cases.append(RawCase(stem, patient.name, image, jsons.get(stem), meta))
+    if labelled:
+        problems += _orphan_patients(labels, root / "DCM")
+    return cases, problems
+
+
+def _label_files(folder: Path, labelled: bool) -> tuple[dict[str, Path], list[IngestError]]:
+    if not labelled or not folder.is_dir():
+        return {}, []
+    return split_by_suffix(folder, {".json"})
+
+
+def _orphan_patients(labels: Path, images: Path) -> list[IngestError]:
+    return [
+        IngestError(p, "annotation folder without its patient in DCM/")
+        for p in visible(labels)
+        if not (images / p.name).is_dir()
+    ]
+
+
+def _gray(path: Path) -> np.ndarray:
+    """(H, W) uint8, or uint16 for 16-bit PNGs; colour or palette PNGs are reduced to luma."""
+    img = open_image(path)
+    if img.mode.startswith("I;16"):
+        return np.asarray(img).astype(np.uint16)
+    if img.mode == "I":  # 16-bit PNGs can open as 32-bit ints
+        data = np.asarray(img)
+        if data.min() < 0 or data.max() > 65535:
+            raise IngestError(path, f"pixel values {data.min()}..{data.max()} do not fit 16 bits")
+        return data.astype(np.uint16)
+    return np.asarray(img if img.mode == "L" else img.convert("L"))
+
+
+def _annotations(path: Path) -> list[dict[str, Any]]:
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise IngestError(path, f"corrupt or truncated JSON: {exc}") from exc
+    annotations = doc.get("annotations") if isinstance(doc, dict) else None
+    if not isinstance(annotations, list) or not all(isinstance(a, dict) for a in annotations):
+        raise IngestError(path, "no 'annotations' list of objects")
+    return annotations
+
+
+def _polygon(points: Any, what: str, size: tuple[int, int], where: Path) -> list[tuple[float, float]]:
+    try:
+        xy = np.asarray(points, dtype=np.float64)
+    except (TypeError, ValueError):
+        xy = None
+    if xy is None or xy.ndim != 2 or xy.shape[1] != 2 or not np.isfinite(xy).all():
+        raise IngestError(where, f"{what}: points are not a list of [x, y] numbers")
+    if len(xy) < 3:
+        raise IngestError(where, f"{what}: degenerate polygon: {len(xy)} point(s), need at least 3")
+    x, y = xy[:, 0], xy[:, 1]
+    if abs(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))) < 1e-9:  # shoelace: 2 x area
+        raise IngestError(where, f"{what}: degenerate polygon: zero area")
+    height, width = size
+    limit = np.array([width, height]) - 1 + EDGE_SLACK
+    if (xy.min(axis=0) < -EDGE_SLACK).any() or (xy.max(axis=0) > limit).any():
+        raise IngestError(where, f"{what}: polygon outside the {width}x{height} image (image/mask size mismatch)")
+    return [(float(a), float(b)) for a, b in xy]

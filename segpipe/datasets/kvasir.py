@@ -1,0 +1,86 @@
+"""Kvasir-SEG: `images/<id>.jpg` + `masks/<id>.jpg`, optionally `kavsir_bboxes.json`.
+
+The masks are 3-channel JPEGs with compression noise around 0 and 255. They are converted to
+grayscale (PIL's ITU-R 601-2 luma) and thresholded at > 127: the three channels carry the same
+content, and a weighted mean of them averages out the per-channel chroma noise instead of
+trusting one channel. Images keep their original size.
+Kvasir has no patient information, so each case is its own group.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from segpipe.datasets import CaseData, RawCase, Scan, open_image, require_dir, split_by_suffix
+from segpipe.errors import IngestError
+
+CLASSES = ["polyp"]
+SUFFIXES = {".jpg", ".jpeg", ".png"}
+BBOXES = "kavsir_bboxes.json"  # sic: the dataset's own spelling
+THRESHOLD = 127
+
+
+def scan(raw: Path) -> Scan:
+    images, problems = split_by_suffix(require_dir(raw / "images"), SUFFIXES)
+    masks, mask_problems = split_by_suffix(require_dir(raw / "masks"), SUFFIXES)
+    problems += mask_problems
+    orphans = sorted(masks.keys() - images.keys())
+    problems += [IngestError(masks[stem], "mask without its image in images/") for stem in orphans]
+    boxes = _read_boxes(raw / BBOXES)
+    cases = []
+    for stem, image in sorted(images.items()):
+        if stem not in masks:
+            problems.append(IngestError(image, "image without its mask in masks/"))
+            continue
+        meta = {"box_entry": boxes[stem]} if stem in boxes else {}
+        cases.append(RawCase(case_id=stem, group=stem, source=image, label=masks[stem], meta=meta))
+    if not images and not masks:
+        problems.append(IngestError(raw / "images", "no images found"))
+    return Scan(cases, problems)
+
+
+def list_cases(raw: Path) -> list[RawCase]:
+    return scan(raw).strict()
+
+
+def load_case(case: RawCase) -> CaseData:
+    image = np.asarray(open_image(case.source).convert("RGB"))
+    mask = np.asarray(open_image(case.label).convert("L")) > THRESHOLD
+    if mask.shape != image.shape[:2]:
+        raise IngestError(case.label, f"mask size {_hw(mask.shape)} != image size {_hw(image.shape)}")
+    entry = case.meta.get("box_entry")
+    if entry is not None:
+        _check_entry(case.source, image.shape, entry)
+    attrs = {"kind": "image", "bboxes": list(entry["bbox"]) if entry else []}
+    return CaseData(image=image, mask=mask[None].astype(np.uint8), attrs=attrs)
+
+
+def _read_boxes(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        return {}
+    try:
+        boxes = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise IngestError(path, f"unreadable JSON: {exc}") from exc
+    if not isinstance(boxes, dict):
+        raise IngestError(path, "expected an object keyed by case id")
+    return boxes
+
+
+def _check_entry(source: Path, shape: tuple[int, ...], entry: Any) -> None:
+    try:
+        size = (int(entry["height"]), int(entry["width"]))
+        bbox = entry["bbox"]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise IngestError(source, f"malformed {BBOXES} entry: {exc!r}") from exc
+    if size != tuple(shape[:2]):
+        raise IngestError(source, f"image size {_hw(shape)} != {_hw(size)} recorded in {BBOXES}")
+    if not isinstance(bbox, list):
+        raise IngestError(source, f"{BBOXES} entry: bbox is not a list")
+
+
+def _hw(shape: tuple[int, ...]) -> str:
+    return f"{shape[1]}x{shape[0]} (WxH)"

@@ -1,0 +1,45 @@
+"""From stored frames to model tensors and back: the one place that decides intensity
+normalisation and resizing, shared by training and inference so both see the same input."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def frames_to_input(frames: np.ndarray, in_channels: int) -> torch.Tensor:
+    """(T, H, W) or (T, H, W, C) integer frames -> (T, in_channels, H, W) float32, z-scored per frame.
+
+    Per-frame z-scoring makes MRI warm-up brightness and X-ray exposure differences irrelevant.
+    """
+    x = torch.from_numpy(np.ascontiguousarray(frames)).float()
+    x = x.permute(0, 3, 1, 2) if x.ndim == 4 else x[:, None]
+    if x.shape[1] != in_channels:
+        if in_channels == 3 and x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        elif in_channels == 1:
+            x = x.mean(dim=1, keepdim=True)
+        else:
+            raise ValueError(f"cannot turn {x.shape[1]} image channels into {in_channels}")
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    std = x.std(dim=(1, 2, 3), keepdim=True)
+    return (x - mean) / (std + 1e-6)
+
+
+def resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of (N, C, H, W), antialiased when shrinking."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False, antialias=True)
+
+
+def masks_to_target(masks: np.ndarray, size: tuple[int, int], channels_per_step: int = 8) -> torch.Tensor:
+    """(T, K, H, W) binary masks -> (T, K, h, w) float 0/1 at the model's scale.
+
+    Resized a few channels at a time: 29 full-resolution float channels would cost ~0.5 GB.
+    """
+    out = []
+    for start in range(0, masks.shape[1], channels_per_step):
+        part = torch.from_numpy(np.ascontiguousarray(masks[:, start : start + channels_per_step])).float()
+        out.append((resize(part, size) > 0.5).float())
+    return torch.cat(out, dim=1)

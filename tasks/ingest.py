@@ -1,0 +1,39 @@
+"""The `ingest` stage: one dataset's raw layout -> its Zarr store, plus a JSON report.
+
+    python -m tasks.ingest --dataset kvasir [--raw DIR] [--out STORE.zarr] [--report FILE.json]
+
+Defaults: raw from params `datasets.<name>.raw`, out `data/interim/<name>.zarr`,
+report `reports/<name>/ingest.json`. The error policy is params `ingest.on_error`.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from segpipe.atomic import write_json
+from segpipe.config import DATASET_NAMES
+from segpipe.ingest import ingest
+from tasks import common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = common.parser("Ingest one dataset's raw layout into its Zarr store.")
+    p.add_argument("--dataset", required=True, choices=DATASET_NAMES)
+    p.add_argument("--raw", type=Path, help="raw layout root (default: params datasets.<name>.raw)")
+    p.add_argument("--out", type=Path, help="store to write (default: data/interim/<name>.zarr)")
+    p.add_argument("--report", type=Path, help="report JSON (default: reports/<name>/ingest.json)")
+    return p
+
+
+def main(ns: argparse.Namespace) -> None:
+    params = common.params_of(ns)
+    raw = ns.raw or params.dataset(ns.dataset).raw
+    out = ns.out or common.store_path(ns.dataset)
+    report_path = ns.report or common.REPORTS / ns.dataset / "ingest.json"
+    report = ingest(ns.dataset, raw, out, params.ingest)
+    write_json(report_path, report.to_json())
+    print(f"ingest {ns.dataset}: {report.ingested} of {report.found} ingested, {len(report.skipped)} skipped -> {out}")
+
+
+if __name__ == "__main__":
+    common.run(main, build_parser())

@@ -1,0 +1,33 @@
+"""The `split` stage: K folds grouped by speaker/patient/video plus a held-out test set."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from segpipe.atomic import write_json
+from segpipe.splits import make_split
+from segpipe.store import CaseStore
+from tasks import common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = common.parser(__doc__)
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--labels", type=Path, help="store whose labelled cases are split (default: the dataset's labels)")
+    p.add_argument("--out", type=Path, help="default: data/splits/<dataset>.json")
+    return p
+
+
+def main(ns: argparse.Namespace) -> None:
+    params = common.params_of(ns)
+    labels = CaseStore(ns.labels or common.labels_path(ns.dataset))
+    groups = {c: labels.case_attrs(c)["group"] for c in labels.case_ids() if labels.has(c, "mask")}
+    split = make_split(groups, params.split.k, params.split.seed, params.split.test_fraction)
+    out = ns.out or common.SPLITS / f"{ns.dataset}.json"
+    write_json(out, split.to_json())
+    sizes = ", ".join(f"fold{i} {len(f.val)}" for i, f in enumerate(split.folds))
+    print(f"split {ns.dataset}: {len(groups)} cases, test {len(split.test)}, {sizes} -> {out}")
+
+
+if __name__ == "__main__":
+    common.run(main, build_parser())

@@ -1,0 +1,154 @@
+"""The hand-bone X-ray reader: polygon rasterisation pinned to hand-computed pixel sets, the
+train/test layout, and the real RSNA X-ray in that layout."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from segpipe.datasets import hand_xray
+from segpipe.errors import IngestError
+
+RSNA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "hand-xray-rsna"
+needs_real = pytest.mark.skipif(not RSNA.is_dir(), reason=f"real RSNA hand X-ray sample not found at {RSNA}")
+
+RECTANGLE = [[2, 3], [6, 3], [6, 8], [2, 8]]
+TRIANGLE = [[0, 0], [6, 0], [0, 3]]
+
+
+def write_xray(raw: Path, split: str, patient: str, stem: str, annotations=None, size=(64, 64), mode="L"):
+    """A PNG of `size` (W, H) in `<split>/DCM/<patient>/`; its JSON when annotations are given."""
+    png = raw / split / "DCM" / patient / f"{stem}.png"
+    png.parent.mkdir(parents=True, exist_ok=True)
+    value = 1000 if mode == "I;16" else 100
+    Image.fromarray(np.full(size[::-1], value, np.uint16 if mode == "I;16" else np.uint8)).save(png)
+    if annotations is not None:
+        doc = raw / split / "outputs_json" / patient / f"{stem}.json"
+        doc.parent.mkdir(parents=True, exist_ok=True)
+        anns = [{"id": str(i), "type": "poly_seg", "attributes": {}, "label": label, "points": points}
+                for i, (label, points) in enumerate(annotations)]
+        doc.write_text(json.dumps({"annotations": anns, "filename": png.name, "metadata": {}}))
+    return png
+
+
+def only_case(raw: Path):
+    (case,) = hand_xray.list_cases(raw)
+    return hand_xray.load_case(case)
+
+
+def test_classes_are_the_29_bones_in_the_label_spec_order():
+    assert len(hand_xray.CLASSES) == 29
+    assert hand_xray.CLASSES[:2] == ["finger-1", "finger-2"] and hand_xray.CLASSES[-2:] == ["Radius", "Ulna"]
+    if RSNA.is_dir():
+        spec = json.loads((RSNA / "hand-bone-29-classes.cvat.json").read_text())
+        assert hand_xray.CLASSES == [c["name"] for c in spec]
+
+
+def test_rectangle_with_vertices_on_pixel_centres_fills_its_boundary_inclusive():
+    mask = hand_xray.rasterise([{"label": "finger-1", "points": RECTANGLE}], (10, 10), Path("x.json"))
+    expected = np.zeros((10, 10), np.uint8)
+    expected[3:9, 2:7] = 1  # rows 3..8, columns 2..6: centres inside or on the edges
+    np.testing.assert_array_equal(mask[0], expected)
+    assert mask.shape == (29, 10, 10) and mask[1:].sum() == 0
+
+
+def test_triangle_sets_exactly_the_pixels_whose_centre_is_inside_or_on_it():
+    mask = hand_xray.rasterise([{"label": "Ulna", "points": TRIANGLE}], (10, 10), Path("x.json"))
+    # Inside or on the triangle (0,0), (6,0), (0,3) means x >= 0, y >= 0 and x + 2y <= 6.
+    yy, xx = np.mgrid[:10, :10]
+    expected = (xx + 2 * yy <= 6).astype(np.uint8)
+    assert expected.sum() == 7 + 5 + 3 + 1
+    np.testing.assert_array_equal(mask[28], expected)
+
+
+def test_overlapping_bones_keep_both_channels_and_polygons_of_one_class_add_up(tmp_path):
+    second_radius = [[20, 20], [30, 20], [30, 30], [20, 30]]
+    ulna = [[4, 5], [9, 5], [9, 9], [4, 9]]  # rows 5..9, columns 4..9: overlaps the rectangle
+    write_xray(tmp_path, "train", "ID001", "img1_R", [("Radius", RECTANGLE), ("Ulna", ulna), ("Radius", second_radius)])
+    mask = only_case(tmp_path).mask
+    radius, ulna = mask[hand_xray.CHANNEL["Radius"]], mask[hand_xray.CHANNEL["Ulna"]]
+    assert radius.sum() == 6 * 5 + 11 * 11 and (radius[20:31, 20:31] == 1).all()
+    assert ulna.sum() == 5 * 6
+    overlap = np.zeros_like(radius)
+    overlap[5:9, 4:7] = 1
+    np.testing.assert_array_equal(radius & ulna, overlap)
+    assert mask.dtype == np.uint8 and set(np.unique(mask)) == {0, 1}
+    assert mask.sum() == radius.sum() + ulna.sum()
+
+
+def test_train_images_are_labelled_and_test_images_are_not(tmp_path):
+    write_xray(tmp_path, "train", "ID001", "a_L", [("finger-1", RECTANGLE)])
+    write_xray(tmp_path, "test", "ID040", "b_R", size=(48, 80))
+    cases = hand_xray.list_cases(tmp_path)
+    assert [(c.case_id, c.group) for c in cases] == [("a_L", "ID001"), ("b_R", "ID040")]
+    train, test = (hand_xray.load_case(c) for c in cases)
+    assert train.attrs == {"kind": "image", "split": "train", "labelled": True}
+    assert test.attrs == {"kind": "image", "split": "test", "labelled": False}
+    assert test.mask is None and test.image.shape == (80, 48) and test.image.dtype == np.uint8
+
+
+def test_16_bit_png_stays_16_bit(tmp_path):
+    write_xray(tmp_path, "test", "ID001", "a", mode="I;16")
+    image = only_case(tmp_path).image
+    assert image.dtype == np.uint16 and (image == 1000).all()
+
+
+@needs_real
+def test_real_rsna_xray_in_a_dcm_layout_ingests_unlabelled_at_its_own_size(tmp_path):
+    (tmp_path / "test" / "DCM" / "ID900").mkdir(parents=True)
+    (tmp_path / "test" / "DCM" / "ID900" / "1377.png").symlink_to(RSNA / "1377.png")
+    data = only_case(tmp_path)
+    assert data.image.shape == (2044, 1514) and data.image.dtype == np.uint8 and data.mask is None
+
+
+def test_unknown_label_is_rejected_naming_the_json_and_the_label(tmp_path):
+    write_xray(tmp_path, "train", "ID001", "a", [("finger-1", RECTANGLE), ("Femur", TRIANGLE)])
+    with pytest.raises(IngestError, match=r"ID001/a\.json: annotation 1: unknown label 'Femur'"):
+        only_case(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "points, problem",
+    [
+        ([[1, 1], [5, 5]], "degenerate polygon: 2 point"),
+        ([[1, 1], [3, 3], [5, 5]], "degenerate polygon: zero area"),
+        ([[1, 1], [1, 1], [1, 1], [1, 1]], "degenerate polygon: zero area"),
+        ([[1, 1], ["a", 2], [3, 3]], "points are not a list of"),
+    ],
+)
+def test_degenerate_or_malformed_polygon_is_rejected_naming_the_json(tmp_path, points, problem):
+    write_xray(tmp_path, "train", "ID001", "a", [("Lunate", points)])
+    with pytest.raises(IngestError, match=rf"ID001/a\.json: annotation 0 \(Lunate\): {problem}"):
+        only_case(tmp_path)
+
+
+def test_polygon_outside_the_image_is_an_image_annotation_size_mismatch(tmp_path):
+    write_xray(tmp_path, "train", "ID001", "a", [("Lunate", [[10, 10], [70, 10], [10, 40]])], size=(64, 64))
+    with pytest.raises(IngestError, match=r"a\.json: .*outside the 64x64 image \(image/mask size mismatch\)"):
+        only_case(tmp_path)
+
+
+def test_train_image_without_its_json_is_a_structural_error(tmp_path):
+    write_xray(tmp_path, "train", "ID001", "a", [("Lunate", RECTANGLE)])
+    write_xray(tmp_path, "train", "ID001", "b")
+    with pytest.raises(IngestError, match=r"DCM/ID001/b\.png: image without its annotation JSON"):
+        hand_xray.list_cases(tmp_path)
+
+
+def test_stray_file_in_a_patient_folder_is_a_structural_error(tmp_path):
+    write_xray(tmp_path, "test", "ID001", "a")
+    (tmp_path / "test" / "DCM" / "ID001" / "a.dcm").write_bytes(b"DICM")
+    with pytest.raises(IngestError, match=r"ID001/a\.dcm: stray entry"):
+        hand_xray.list_cases(tmp_path)
+
+
+def test_truncated_png_is_rejected_naming_the_file(tmp_path):
+    rng = np.random.default_rng(0)
+    png = write_xray(tmp_path, "test", "ID001", "a")
+    Image.fromarray(rng.integers(0, 255, (64, 64), dtype=np.uint8)).save(png)
+    png.write_bytes(png.read_bytes()[:2000])
+    with pytest.raises(IngestError, match=r"ID001/a\.png: corrupt or truncated image"):
+        only_case(tmp_path)

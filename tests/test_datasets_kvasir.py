@@ -1,0 +1,111 @@
+"""The Kvasir-SEG reader: the real 300 sample pairs, and a small synthetic layout for the failures."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from segpipe.datasets import kvasir, reader
+from segpipe.errors import ConfigError, IngestError
+
+REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "kvasir-seg"
+needs_real = pytest.mark.skipif(not REAL.is_dir(), reason=f"real Kvasir-SEG sample not found at {REAL}")
+
+
+def write_pair(raw: Path, stem: str, size: tuple[int, int] = (48, 40), mask_size: tuple[int, int] | None = None):
+    """A JPEG image and a JPEG mask (a bright rectangle) of `size` (W, H)."""
+    (raw / "images").mkdir(parents=True, exist_ok=True)
+    (raw / "masks").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(len(stem))
+    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(raw / "images" / f"{stem}.jpg")
+    w, h = mask_size or size
+    mask = np.zeros((h, w, 3), np.uint8)
+    mask[h // 4 : h // 2, w // 4 : w // 2] = 255
+    Image.fromarray(mask).save(raw / "masks" / f"{stem}.jpg", quality=90)
+
+
+@needs_real
+def test_every_real_mask_is_its_jpeg_converted_to_luma_and_thresholded_above_127():
+    cases = kvasir.list_cases(REAL)
+    boxes = json.loads((REAL / "kavsir_bboxes.json").read_text())
+    assert len(cases) == 300
+    for case in cases:
+        data = kvasir.load_case(case)
+        expected = np.asarray(Image.open(case.label).convert("L")) > 127
+        assert data.mask.shape == (1, *expected.shape) and data.mask.dtype == np.uint8
+        np.testing.assert_array_equal(data.mask[0], expected, err_msg=case.case_id)
+        assert data.image.shape == (boxes[case.case_id]["height"], boxes[case.case_id]["width"], 3)
+        assert data.attrs["bboxes"] == boxes[case.case_id]["bbox"]
+
+
+@needs_real
+def test_real_images_keep_their_original_varied_sizes():
+    sizes = {kvasir.load_case(c).image.shape for c in kvasir.list_cases(REAL)[:40]}
+    assert len(sizes) > 10
+
+
+def test_case_id_and_group_are_the_file_stem(tmp_path):
+    for stem in ("b", "a"):
+        write_pair(tmp_path, stem)
+    cases = kvasir.list_cases(tmp_path)
+    assert [(c.case_id, c.group) for c in cases] == [("a", "a"), ("b", "b")]
+    data = kvasir.load_case(cases[0])
+    assert data.image.shape == (40, 48, 3) and data.image.dtype == np.uint8
+    assert data.mask[0, 10:20, 12:24].all() and data.mask.sum() == 10 * 12
+    assert data.attrs["bboxes"] == []
+
+
+def test_image_without_its_mask_is_a_structural_error_naming_the_image(tmp_path):
+    write_pair(tmp_path, "a")
+    (tmp_path / "masks" / "a.jpg").unlink()
+    with pytest.raises(IngestError, match=r"images/a\.jpg: image without its mask"):
+        kvasir.list_cases(tmp_path)
+
+
+def test_mask_without_its_image_is_a_structural_error_naming_the_mask(tmp_path):
+    write_pair(tmp_path, "a")
+    (tmp_path / "images" / "a.jpg").unlink()
+    with pytest.raises(IngestError, match=r"masks/a\.jpg: mask without its image"):
+        kvasir.list_cases(tmp_path)
+
+
+def test_stray_non_image_file_is_a_structural_error_but_dotfiles_are_ignored(tmp_path):
+    write_pair(tmp_path, "a")
+    (tmp_path / "images" / ".DS_Store").write_bytes(b"\0")
+    assert len(kvasir.list_cases(tmp_path)) == 1
+    (tmp_path / "images" / "notes.txt").write_text("hi")
+    with pytest.raises(IngestError, match=r"notes\.txt: stray entry"):
+        kvasir.list_cases(tmp_path)
+
+
+def test_mask_of_another_size_than_its_image_is_rejected_naming_the_mask(tmp_path):
+    write_pair(tmp_path, "a", size=(48, 40), mask_size=(40, 48))
+    with pytest.raises(IngestError, match=r"masks/a\.jpg: mask size 40x48 \(WxH\) != image size 48x40"):
+        kvasir.load_case(kvasir.list_cases(tmp_path)[0])
+
+
+def test_truncated_jpeg_is_rejected_naming_the_file(tmp_path):
+    write_pair(tmp_path, "a")
+    path = tmp_path / "images" / "a.jpg"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(IngestError, match=r"images/a\.jpg: corrupt or truncated image"):
+        kvasir.load_case(kvasir.list_cases(tmp_path)[0])
+
+
+def test_image_size_is_checked_against_the_bbox_json(tmp_path):
+    write_pair(tmp_path, "a")
+    entry = {"height": 40, "width": 48, "bbox": [{"label": "polyp", "xmin": 1, "ymin": 2, "xmax": 3, "ymax": 4}]}
+    (tmp_path / kvasir.BBOXES).write_text(json.dumps({"a": entry}))
+    assert kvasir.load_case(kvasir.list_cases(tmp_path)[0]).attrs["bboxes"] == entry["bbox"]
+    (tmp_path / kvasir.BBOXES).write_text(json.dumps({"a": {**entry, "height": 41}}))
+    with pytest.raises(IngestError, match=r"images/a\.jpg: image size 48x40 \(WxH\) != 48x41"):
+        kvasir.load_case(kvasir.list_cases(tmp_path)[0])
+
+
+def test_unknown_reader_name_is_a_config_error():
+    assert reader("kvasir") is kvasir
+    with pytest.raises(ConfigError, match="'nope'"):
+        reader("nope")

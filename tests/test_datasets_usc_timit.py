@@ -1,0 +1,129 @@
+"""The speech-MRI video reader: the two real clips, and small synthetic AVIs for the rest."""
+from __future__ import annotations
+
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+from segpipe.datasets import usc_timit
+from segpipe.errors import IngestError
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+F2 = SHARED / "usc-timit"
+SUB001 = SHARED / "usc-75-speaker"
+needs_real = pytest.mark.skipif(not SHARED.is_dir(), reason=f"real sample data not found at {SHARED}")
+
+
+def write_avi(path: Path, frames: np.ndarray, fps: float = 23.18) -> None:
+    """Uncompressed BGR24 AVI of grey frames, as the USC-TIMIT release stores them."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w", format="avi") as container:
+        stream = container.add_stream("rawvideo", rate=Fraction(fps).limit_denominator(1000))
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "bgr24"
+        for grey in frames:
+            frame = av.VideoFrame.from_ndarray(np.repeat(grey[..., None], 3, axis=2), format="bgr24")
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+
+
+def clip(n: int = 12, warmup: int = 0, size: int = 16) -> np.ndarray:
+    rng = np.random.default_rng(n)
+    frames = rng.integers(30, 50, (n, size, size)).astype(np.uint8)
+    frames[:warmup] = 120
+    return frames
+
+
+@needs_real
+def test_real_usc_timit_clip_gives_69_frames_of_68x68_at_23_18_fps_without_warmup():
+    (case,) = usc_timit.list_cases(F2)
+    assert (case.case_id, case.group) == ("F2_400", "F2")
+    data = usc_timit.load_case(case)
+    assert data.image.shape == (69, 68, 68) and data.image.dtype == np.uint8 and data.mask is None
+    assert data.attrs["fps"] == pytest.approx(23.18, abs=0.005)
+    assert data.attrs["kind"] == "video" and data.attrs["warmup_frames"] == 0
+    np.testing.assert_allclose(data.arrays["timestamps"], np.arange(69) / data.attrs["fps"], atol=1e-6)
+
+
+@needs_real
+def test_real_75_speaker_clip_gives_3216_frames_of_84x84_at_83_28_fps_with_warmup_flagged():
+    (case,) = usc_timit.list_cases(SUB001)
+    assert case.group == "sub001" and case.case_id == "sub001_2drt_01_vcv1_r1_video"
+    data = usc_timit.load_case(case)
+    assert data.image.shape == (3216, 84, 84)
+    assert data.attrs["fps"] == pytest.approx(83.28, abs=0.005)
+    # The magnetisation decays from ~100 to the ~49 steady state over tens of frames.
+    assert 20 <= data.attrs["warmup_frames"] <= 100
+    timestamps = data.arrays["timestamps"]
+    assert timestamps.dtype == np.float64 and timestamps.shape == (3216,)
+    assert timestamps[0] == 0 and np.all(np.diff(timestamps) > 0)
+    assert timestamps[-1] == pytest.approx(3215 / data.attrs["fps"], abs=1e-3)
+
+
+def test_warmup_is_the_leading_run_brighter_than_1_25x_the_second_half_median():
+    steady = np.full((20, 4, 4), 40, np.uint8)
+    assert usc_timit.warmup_frames(steady) == 0
+    head = steady.copy()
+    head[:3] = np.array([90, 60, 51])[:, None, None]  # 51 > 1.25 x 40 = 50: still warming up
+    head[5] = 90  # a bright frame later on is not warm-up
+    assert usc_timit.warmup_frames(head) == 3
+
+
+def test_synthetic_avi_decodes_frames_fps_and_warmup(tmp_path):
+    frames = clip(12, warmup=2)
+    write_avi(tmp_path / "M1" / "mri" / "M1_1.avi", frames)
+    (case,) = usc_timit.list_cases(tmp_path)
+    data = usc_timit.load_case(case)
+    np.testing.assert_array_equal(data.image, frames)
+    assert data.attrs == {"kind": "video", "fps": pytest.approx(23.18, abs=1e-3), "n_frames": 12, "warmup_frames": 2}
+
+
+def test_case_ids_gain_the_speaker_prefix_only_when_missing(tmp_path):
+    write_avi(tmp_path / "M1" / "mri" / "clip.avi", clip())
+    write_avi(tmp_path / "M2" / "mri" / "clip.avi", clip())
+    write_avi(tmp_path / "M2" / "mri" / "m2_take3.avi", clip())
+    (tmp_path / "M2" / "wav").mkdir()  # other folders of the release are not ours to read
+    (tmp_path / "M2" / "wav" / "clip.wav").write_bytes(b"RIFF")
+    cases = usc_timit.list_cases(tmp_path)
+    assert [(c.case_id, c.group) for c in cases] == [("M1_clip", "M1"), ("M2_clip", "M2"), ("m2_take3", "M2")]
+
+
+def test_stray_file_in_a_video_folder_is_a_structural_error(tmp_path):
+    write_avi(tmp_path / "M1" / "mri" / "M1_1.avi", clip())
+    (tmp_path / "M1" / "mri" / "M1_1.txt").write_text("notes")
+    with pytest.raises(IngestError, match=r"mri/M1_1\.txt: stray entry"):
+        usc_timit.list_cases(tmp_path)
+
+
+def test_folder_without_videos_is_an_error(tmp_path):
+    (tmp_path / "M1").mkdir()
+    with pytest.raises(IngestError, match="no videos found"):
+        usc_timit.list_cases(tmp_path)
+
+
+def test_avi_cut_between_frames_is_rejected_as_truncated_against_its_header(tmp_path):
+    path = tmp_path / "M1" / "mri" / "M1_1.avi"
+    write_avi(path, clip(12, size=16))
+    data = path.read_bytes()
+    packet = 8 + 16 * 16 * 3  # chunk header + one BGR24 frame
+    path.write_bytes(data[: data.index(b"movi") + 4 + 6 * packet])
+    with pytest.raises(IngestError, match=r"M1_1\.avi: truncated: decoded 6 of the 12 frames"):
+        usc_timit.load_case(usc_timit.list_cases(tmp_path)[0])
+
+
+def test_avi_cut_inside_a_frame_is_rejected_naming_the_file(tmp_path):
+    path = tmp_path / "M1" / "mri" / "M1_1.avi"
+    write_avi(path, clip(12))
+    path.write_bytes(path.read_bytes()[: path.stat().st_size * 2 // 3])
+    with pytest.raises(IngestError, match=r"M1_1\.avi: (corrupt or undecodable video|truncated)"):
+        usc_timit.load_case(usc_timit.list_cases(tmp_path)[0])
+
+
+def test_garbage_video_is_rejected_naming_the_file(tmp_path):
+    path = tmp_path / "M1" / "mri" / "M1_1.avi"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"not a video at all" * 10)
+    with pytest.raises(IngestError, match=r"M1_1\.avi: corrupt or undecodable video"):
+        usc_timit.load_case(usc_timit.list_cases(tmp_path)[0])
