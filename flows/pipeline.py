@@ -110,6 +110,8 @@ def run_stage(repo: str, stage: str) -> str:
     assert proc.stdout is not None
     for line in proc.stdout:  # streamed, so a long training run logs as it goes
         line = line.rstrip()
+        if not line:
+            continue  # DVC spaces its hints with blank lines; in a log they are noise
         logger.info("%s", line)
         tail.append(line)
         seen.update(o for o, marker in MARKERS.items() if marker.format(stage) in line)
@@ -148,6 +150,7 @@ def run_graph(graph: nx.DiGraph, repo: str, max_parallel: int, retries: int) -> 
     runs; independent branches carry on, as DVC caches whatever they finish.
     """
     order = topological_order(graph)
+    rank = {stage: i for i, stage in enumerate(order)}
     summary = dict.fromkeys(order, NOT_RUN)
     errors: dict[str, BaseException] = {}
     missing = {stage: graph.in_degree(stage) for stage in order}
@@ -179,7 +182,7 @@ def run_graph(graph: nx.DiGraph, repo: str, max_parallel: int, retries: int) -> 
                 errors[stage] = future.result(raise_on_failure=False)
                 continue
             summary[stage] = future.result()
-            for child in sorted(graph.successors(stage), key=order.index):
+            for child in sorted(graph.successors(stage), key=rank.get):
                 missing[child] -= 1
                 if missing[child] == 0:
                     submit(child)

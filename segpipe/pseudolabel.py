@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 from skimage.filters import threshold_multiotsu
+from skimage.graph import MCP_Geometric
 
 from segpipe.atomic import atomic_dir
 from segpipe.config import PseudolabelConfig
@@ -75,14 +76,19 @@ class _VideoLevels:
     @classmethod
     def of(cls, video: np.ndarray) -> _VideoLevels:
         mean = video.mean(axis=0)
-        # Three classes: air, dim tissue (back of the head, neck), bright tissue (tongue, face).
-        low = threshold_multiotsu(mean, classes=3)[0]
+        # Four classes (air, dim, mid, bright tissue): the lowest split keeps the dim tissue at the
+        # back of the head and the pharyngeal wall out of the air class, as real clips need.
+        low = threshold_multiotsu(mean, classes=4)[0]
         air = float(np.median(mean[mean < low]))
         tissue = mean >= low
         per_frame = np.array([f[tissue].mean() for f in video])
         saturated = (video >= 250).mean(axis=(1, 2))
-        return cls(air, _local_level(mean, tissue, air), _outside(mean < low), per_frame / np.median(per_frame),
-                   saturated)
+        # Lips and chin move, which blurs the face's edge in the mean: in front of the face, air is
+        # what is dark in at least 70% of the frames. Not elsewhere: at the back of the head dim
+        # tissue, often dark too, would join the pharynx to the outside.
+        front = _outside(np.percentile(video, 60, axis=0) < low, top_right=False)
+        outside = _outside(mean < low) | front
+        return cls(air, _local_level(mean, tissue, air), outside, per_frame / np.median(per_frame), saturated)
 
     def normalise(self, frame: np.ndarray, t: int) -> np.ndarray:
         """Frame in units where air is 0 and the local tissue level is 1, after a light denoise."""
@@ -101,35 +107,52 @@ def _local_level(mean: np.ndarray, tissue: np.ndarray, air: float) -> np.ndarray
     return np.maximum(level, air + 0.25 * (typical - air))
 
 
-def _outside(dark: np.ndarray) -> np.ndarray:
+def _outside(dark: np.ndarray, top_right: bool = True) -> np.ndarray:
     """Air connected to the left, top or right border: outside the head. The airway leaves the
     image only at the bottom (the pharynx continues below)."""
     seeds = ndimage.binary_opening(dark, _CROSS, iterations=1)  # cut thin bridges (noise, parted lips)
     labels, _ = ndimage.label(seeds, _CROSS)
-    edges = np.concatenate([labels[0], labels[:, 0], labels[:, -1]])
+    edges = np.concatenate([labels[:, 0]] + ([labels[0], labels[:, -1]] if top_right else []))
     outside = np.isin(labels, np.unique(edges[edges > 0]))
     # Grow the outside back over the boundary pixels the opening removed, but not along thin gaps.
     return ndimage.binary_dilation(outside, _SQUARE, iterations=1) & dark
 
 
 def _dark_inside_head(norm: np.ndarray, outside: np.ndarray) -> np.ndarray:
-    """Air pixels (below the air/tissue midpoint: the partial-volume boundary) inside the head."""
+    """Air pixels (below the air/tissue midpoint: the partial-volume boundary) inside the head.
+
+    """
     return (norm < 0.5) & ~outside
 
 
 def _airway_region(raw: np.ndarray) -> np.ndarray:
-    """Where the airway lies in this video: the main region of pixels that are often dark inside
-    the head, preferring one that reaches the bottom edge (the pharynx continues below)."""
-    often = raw.mean(axis=0) >= 0.3
-    often = ndimage.binary_opening(often, _CROSS)
-    labels, count = ndimage.label(often, _SQUARE)
+    """Where the airway lies in this video: the main region of pixels often dark inside the head,
+    preferring one that reaches the bottom edge (the pharynx continues below), trimmed to the
+    passage from the lips to the larynx."""
+    often = raw.mean(axis=0) >= 0.2  # the oral airway closes often in speech: a low bar
+    opened = ndimage.binary_opening(often, _CROSS)  # detach one-pixel lines (bone edges, skin folds)
+    labels, count = ndimage.label(opened, _SQUARE)
     if count == 0:
         return np.zeros(raw.shape[1:], bool)
-    sizes = ndimage.sum(often, labels, index=np.arange(1, count + 1))
+    sizes = ndimage.sum(opened, labels, index=np.arange(1, count + 1))
     at_bottom = np.isin(np.arange(1, count + 1), labels[-3:])
-    score = sizes * np.where(at_bottom, 2.0, 1.0)
-    best = labels == 1 + int(np.argmax(score))
-    return ndimage.binary_dilation(best, _SQUARE, iterations=2)
+    best = labels == 1 + int(np.argmax(sizes * np.where(at_bottom, 2.0, 1.0)))
+    # Give back the thin ends the opening took (the airway narrows behind the lips); dead ends
+    # that come back with them are trimmed by the passage.
+    best = ndimage.binary_propagation(best, _SQUARE, mask=often)
+    return ndimage.binary_dilation(_passage(best), _SQUARE, iterations=2)
+
+
+def _passage(region: np.ndarray) -> np.ndarray:
+    """The part of `region` on near-shortest paths from its front (leftmost, behind the lips) to
+    its bottom (the larynx): the vocal tract, without dead ends such as air in the sinuses."""
+    ys, xs = np.nonzero(region)
+    cost = np.where(region, 1.0, np.inf)
+    to_bottom = MCP_Geometric(cost).find_costs(np.argwhere(region & (np.arange(region.shape[0]) == ys.max())[:, None]))[0]
+    to_front = MCP_Geometric(cost).find_costs(np.argwhere(region & (np.arange(region.shape[1]) == xs.min())[None, :]))[0]
+    through = to_bottom + to_front
+    shortest = float(through[region].min())
+    return region & (through <= shortest + max(4.0, 0.25 * shortest))
 
 
 def _keep_touching(mask: np.ndarray, region: np.ndarray) -> np.ndarray:

@@ -32,7 +32,8 @@ def main(ns: argparse.Namespace) -> None:
     report_path = ns.report or common.REPORTS / ns.dataset / "ingest.json"
     report = ingest(ns.dataset, raw, out, params.ingest)
     write_json(report_path, report.to_json())
-    print(f"ingest {ns.dataset}: {report.ingested} of {report.found} ingested, {len(report.skipped)} skipped -> {out}")
+    skipped = len(report.skipped)
+    print(f"ingest {ns.dataset}: {report.ingested} of {report.found} ingested, {skipped} skipped -> {out}")
 
 
 if __name__ == "__main__":

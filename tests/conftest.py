@@ -52,3 +52,12 @@ def disc_stores(tmp_path):
         images.write_array(f"case{i:02d}", "image", image)
         labels.write_array(f"case{i:02d}", "mask", mask)
     return images, labels
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    return require_shared_data()
+
+
+# Mark for tests that read ../shared/data: skipped with the reason when absent, failed under CI.
+needs_shared_data = pytest.mark.usefixtures("shared_data")

@@ -11,9 +11,9 @@ from PIL import Image
 
 from segpipe.datasets import hand_xray
 from segpipe.errors import IngestError
+from tests.conftest import SHARED_DATA, needs_shared_data
 
-RSNA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "hand-xray-rsna"
-needs_real = pytest.mark.skipif(not RSNA.is_dir(), reason=f"real RSNA hand X-ray sample not found at {RSNA}")
+RSNA = SHARED_DATA / "hand-xray-rsna"
 
 RECTANGLE = [[2, 3], [6, 3], [6, 8], [2, 8]]
 TRIANGLE = [[0, 0], [6, 0], [0, 3]]
@@ -67,7 +67,8 @@ def test_triangle_sets_exactly_the_pixels_whose_centre_is_inside_or_on_it():
 def test_overlapping_bones_keep_both_channels_and_polygons_of_one_class_add_up(tmp_path):
     second_radius = [[20, 20], [30, 20], [30, 30], [20, 30]]
     ulna = [[4, 5], [9, 5], [9, 9], [4, 9]]  # rows 5..9, columns 4..9: overlaps the rectangle
-    write_xray(tmp_path, "train", "ID001", "img1_R", [("Radius", RECTANGLE), ("Ulna", ulna), ("Radius", second_radius)])
+    annotations = [("Radius", RECTANGLE), ("Ulna", ulna), ("Radius", second_radius)]
+    write_xray(tmp_path, "train", "ID001", "img1_R", annotations)
     mask = only_case(tmp_path).mask
     radius, ulna = mask[hand_xray.CHANNEL["Radius"]], mask[hand_xray.CHANNEL["Ulna"]]
     assert radius.sum() == 6 * 5 + 11 * 11 and (radius[20:31, 20:31] == 1).all()
@@ -96,7 +97,7 @@ def test_16_bit_png_stays_16_bit(tmp_path):
     assert image.dtype == np.uint16 and (image == 1000).all()
 
 
-@needs_real
+@needs_shared_data
 def test_real_rsna_xray_in_a_dcm_layout_ingests_unlabelled_at_its_own_size(tmp_path):
     (tmp_path / "test" / "DCM" / "ID900").mkdir(parents=True)
     (tmp_path / "test" / "DCM" / "ID900" / "1377.png").symlink_to(RSNA / "1377.png")

@@ -10,9 +10,9 @@ from PIL import Image
 
 from segpipe.datasets import kvasir, reader
 from segpipe.errors import ConfigError, IngestError
+from tests.conftest import SHARED_DATA, needs_shared_data
 
-REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "kvasir-seg"
-needs_real = pytest.mark.skipif(not REAL.is_dir(), reason=f"real Kvasir-SEG sample not found at {REAL}")
+REAL = SHARED_DATA / "kvasir-seg"
 
 
 def write_pair(raw: Path, stem: str, size: tuple[int, int] = (48, 40), mask_size: tuple[int, int] | None = None):
@@ -20,14 +20,15 @@ def write_pair(raw: Path, stem: str, size: tuple[int, int] = (48, 40), mask_size
     (raw / "images").mkdir(parents=True, exist_ok=True)
     (raw / "masks").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(len(stem))
-    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(raw / "images" / f"{stem}.jpg")
+    image = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(image).save(raw / "images" / f"{stem}.jpg")
     w, h = mask_size or size
     mask = np.zeros((h, w, 3), np.uint8)
     mask[h // 4 : h // 2, w // 4 : w // 2] = 255
     Image.fromarray(mask).save(raw / "masks" / f"{stem}.jpg", quality=90)
 
 
-@needs_real
+@needs_shared_data
 def test_every_real_mask_is_its_jpeg_converted_to_luma_and_thresholded_above_127():
     cases = kvasir.list_cases(REAL)
     boxes = json.loads((REAL / "kavsir_bboxes.json").read_text())
@@ -41,7 +42,7 @@ def test_every_real_mask_is_its_jpeg_converted_to_luma_and_thresholded_above_127
         assert data.attrs["bboxes"] == boxes[case.case_id]["bbox"]
 
 
-@needs_real
+@needs_shared_data
 def test_real_images_keep_their_original_varied_sizes():
     sizes = {kvasir.load_case(c).image.shape for c in kvasir.list_cases(REAL)[:40]}
     assert len(sizes) > 10

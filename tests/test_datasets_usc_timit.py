@@ -10,11 +10,10 @@ import pytest
 
 from segpipe.datasets import usc_timit
 from segpipe.errors import IngestError
+from tests.conftest import SHARED_DATA, needs_shared_data
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-F2 = SHARED / "usc-timit"
-SUB001 = SHARED / "usc-75-speaker"
-needs_real = pytest.mark.skipif(not SHARED.is_dir(), reason=f"real sample data not found at {SHARED}")
+F2 = SHARED_DATA / "usc-timit"
+SUB001 = SHARED_DATA / "usc-75-speaker"
 
 
 def write_avi(path: Path, frames: np.ndarray, fps: float = 23.18) -> None:
@@ -36,7 +35,7 @@ def clip(n: int = 12, warmup: int = 0, size: int = 16) -> np.ndarray:
     return frames
 
 
-@needs_real
+@needs_shared_data
 def test_real_usc_timit_clip_gives_69_frames_of_68x68_at_23_18_fps_without_warmup():
     (case,) = usc_timit.list_cases(F2)
     assert (case.case_id, case.group) == ("F2_400", "F2")
@@ -47,7 +46,7 @@ def test_real_usc_timit_clip_gives_69_frames_of_68x68_at_23_18_fps_without_warmu
     np.testing.assert_allclose(data.arrays["timestamps"], np.arange(69) / data.attrs["fps"], atol=1e-6)
 
 
-@needs_real
+@needs_shared_data
 def test_real_75_speaker_clip_gives_3216_frames_of_84x84_at_83_28_fps_with_warmup_flagged():
     (case,) = usc_timit.list_cases(SUB001)
     assert case.group == "sub001" and case.case_id == "sub001_2drt_01_vcv1_r1_video"
@@ -77,7 +76,8 @@ def test_synthetic_avi_decodes_frames_fps_and_warmup(tmp_path):
     (case,) = usc_timit.list_cases(tmp_path)
     data = usc_timit.load_case(case)
     np.testing.assert_array_equal(data.image, frames)
-    assert data.attrs == {"kind": "video", "fps": pytest.approx(23.18, abs=1e-3), "n_frames": 12, "warmup_frames": 2}
+    assert data.attrs == {"kind": "video", "fps": pytest.approx(23.18, abs=1e-3), "n_frames": 12,
+                          "warmup_frames": 2}
 
 
 def test_case_ids_gain_the_speaker_prefix_only_when_missing(tmp_path):

@@ -57,16 +57,18 @@ def load_case(case: RawCase) -> CaseData:
 def rasterise(annotations: list[dict[str, Any]], shape: tuple[int, ...], where: Path) -> np.ndarray:
     """(C, H, W) uint8 multi-label mask: each polygon filled into its class channel."""
     height, width = shape[:2]
-    canvases: dict[int, Image.Image] = {}
+    polygons: dict[int, list[list[tuple[float, float]]]] = {}
     for i, ann in enumerate(annotations):
         label = ann.get("label")
         if label not in CHANNEL:
             raise IngestError(where, f"annotation {i}: unknown label {label!r}")
         points = _polygon(ann.get("points"), f"annotation {i} ({label})", (height, width), where)
-        canvas = canvases.setdefault(CHANNEL[label], Image.new("L", (width, height), 0))
-        ImageDraw.Draw(canvas).polygon(points, fill=1)
+        polygons.setdefault(CHANNEL[label], []).append(points)
     mask = np.zeros((len(CLASSES), height, width), dtype=np.uint8)
-    for channel, canvas in canvases.items():
+    for channel, shapes in polygons.items():  # one canvas at a time: a 2048^2 case stays ~1 mask in memory
+        canvas = Image.new("L", (width, height), 0)
+        for points in shapes:
+            ImageDraw.Draw(canvas).polygon(points, fill=1)
         mask[channel] = np.asarray(canvas)
     return mask
 
@@ -89,8 +91,7 @@ def _scan_split(root: Path, split: str) -> tuple[list[RawCase], list[IngestError
             if labelled and stem not in jsons:
                 problems.append(IngestError(image, f"image without its annotation JSON in {labels.name}/"))
                 continue
-            meta = {"split": split}
-            cases.append(RawCase(stem, patient.name, image, jsons.get(stem), meta))
+            cases.append(RawCase(stem, patient.name, image, label=jsons.get(stem), meta={"split": split}))
     if labelled:
         problems += _orphan_patients(labels, root / "DCM")
     return cases, problems

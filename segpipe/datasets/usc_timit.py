@@ -15,7 +15,6 @@ frame mean of the second half of the video (the steady state).
 """
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import av
@@ -23,8 +22,6 @@ import numpy as np
 
 from segpipe.datasets import CaseData, RawCase, Scan, require_dir, split_by_suffix, visible
 from segpipe.errors import IngestError
-
-log = logging.getLogger(__name__)
 
 CLASSES = ["airway"]
 LAYOUTS = {"mri": {".avi"}, "2drt/video": {".mp4"}}  # per-speaker subfolder -> video suffixes

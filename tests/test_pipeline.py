@@ -1,0 +1,74 @@
+"""End to end: the real `dvc repro` on a shrunk demo, then what users do next (rerun nothing,
+change a parameter, rerun one fold)."""
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+import yaml
+
+from segpipe.splits import read_split
+from segpipe.store import CaseStore
+from tests.pipeline_repo import dvc, make_repo, ran_stages
+
+DATASETS = ("kvasir", "usc_timit", "hand_xray")
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    repo = make_repo(tmp_path_factory.mktemp("pipeline"))
+    result = dvc(repo, "repro")
+    repo.joinpath("first_repro.log").write_text(result.stdout)
+    return repo
+
+
+def _stage_names(repo) -> set[str]:
+    return {line.split()[0] for line in dvc(repo, "stage", "list").stdout.splitlines() if line.strip()}
+
+
+def test_repro_runs_every_stage_and_leaves_dvc_status_clean(repo):
+    ran = ran_stages(repo.joinpath("first_repro.log").read_text())
+    assert ran == _stage_names(repo)
+    assert json.loads(dvc(repo, "status", "--json").stdout) == {}
+
+
+def test_every_dataset_is_evaluated_on_its_held_out_test_cases(repo):
+    for name in DATASETS:
+        metrics = json.loads((repo / "reports" / name / "metrics.json").read_text())
+        for key in ("dice", "iou", "precision", "recall"):
+            assert 0 <= metrics[key] <= 1
+        test_cases = read_split(repo / "data" / "splits" / f"{name}.json").test
+        assert metrics["n_cases"] == len(test_cases) > 0
+        ensemble = CaseStore(repo / "data" / "predictions" / name / "ensemble.zarr")
+        assert ensemble.case_ids() == sorted(test_cases)
+        prob = ensemble.array(test_cases[0], "prob")
+        assert prob.dtype == np.float16
+    hand = json.loads((repo / "reports" / "hand_xray" / "metrics.json").read_text())
+    assert len(hand["per_class"]) == 29
+    usc = json.loads((repo / "reports" / "usc_timit" / "metrics.json").read_text())
+    assert 0 <= usc["vs_truth"]["dice"] <= 1
+
+
+def test_second_repro_changes_nothing_and_is_fast(repo):
+    start = time.perf_counter()
+    result = dvc(repo, "repro")
+    elapsed = time.perf_counter() - start
+    assert ran_stages(result.stdout) == set()
+    assert elapsed < 10, f"a no-op dvc repro took {elapsed:.1f} s"
+
+
+def test_changing_epochs_reruns_only_training_and_what_depends_on_it(repo):
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["train"]["epochs"] += 1
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    expected = {s for s in _stage_names(repo) if s.split("@")[0] in {"train", "infer", "ensemble", "evaluate"}}
+    assert set(json.loads(dvc(repo, "status", "--json").stdout)) == expected
+
+    one_fold = "train@kvasir-unet-0"
+    assert ran_stages(dvc(repo, "repro", one_fold).stdout) == {one_fold}
+    assert set(json.loads(dvc(repo, "status", "--json").stdout)) == expected - {one_fold}
+
+    assert ran_stages(dvc(repo, "repro").stdout) == expected - {one_fold}
+    assert json.loads(dvc(repo, "status", "--json").stdout) == {}
