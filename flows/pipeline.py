@@ -69,12 +69,19 @@ def dvc_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "dvc", "--wait-for-lock", *args]
 
 
-def stage_env() -> dict[str, str]:
+def stage_env(threads: int) -> dict[str, str]:
     # Stage commands say `python -m tasks...`: put this interpreter first on PATH so they run
     # in the flow's environment even when it was started as `.venv/bin/python` unactivated.
     env = dict(os.environ)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    # Stages running at once share the cores: torch spinning more threads than cores makes two
+    # concurrent trainings several times slower than one after the other.
+    env.setdefault("OMP_NUM_THREADS", str(threads))
     return env
+
+
+def threads_per_stage(max_parallel: int) -> int:
+    return max(1, (os.cpu_count() or 1) // max_parallel)
 
 
 # What `dvc repro` prints for each outcome (DVC 3.x wording), in order of precedence.
@@ -92,14 +99,14 @@ def outcome_of(seen: set[str]) -> str:
 
 
 @task(name="dvc-stage", task_run_name="{stage}", cache_policy=NO_CACHE)
-def run_stage(repo: str, stage: str) -> str:
+def run_stage(repo: str, stage: str, threads: int) -> str:
     """Run one stage through DVC; return RAN, RESTORED or UP_TO_DATE. No Prefect caching:
     DVC decides whether the stage is up to date."""
     logger = get_run_logger()
     proc = subprocess.Popen(
         dvc_command("repro", "--single-item", stage),
         cwd=repo,
-        env=stage_env(),
+        env=stage_env(threads),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -131,7 +138,7 @@ def stale_stages(repo: str, stages: list[str] | None) -> dict:
     out = subprocess.run(
         dvc_command("status", "--json", *(stages or [])),
         cwd=repo,
-        env=stage_env(),
+        env=stage_env(threads=1),
         capture_output=True,
         text=True,
         check=True,
@@ -164,7 +171,8 @@ def run_graph(graph: nx.DiGraph, repo: str, max_parallel: int, retries: int) -> 
 
         def submit(stage: str) -> None:
             upstream = [futures[u] for u in graph.predecessors(stage)]
-            future = runner.submit(stage_task, {"repo": repo, "stage": stage}, wait_for=upstream)
+            parameters = {"repo": repo, "stage": stage, "threads": threads_per_stage(max_parallel)}
+            future = runner.submit(stage_task, parameters, wait_for=upstream)
             futures[stage] = future
             future.add_done_callback(lambda _, s=stage: finished.put(s))
 
