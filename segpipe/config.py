@@ -75,20 +75,24 @@ class SplitConfig(Section):
 
 class TrainOverrides(Section):
     epochs: int | None = None
+    steps_per_epoch: int | None = None
     batch_size: int | None = None
     lr: float | None = None
     patience: int | None = None
+    hflip: bool | None = None
 
 
 class TrainConfig(Section):
     archs: tuple[str, ...]
     folds: tuple[int, ...]
     epochs: int = Field(ge=1)
+    steps_per_epoch: int = Field(ge=1, description="batches per epoch; validation runs after each epoch")
     batch_size: int = Field(ge=1)
     lr: float = Field(gt=0)
     weight_decay: float = Field(0.0, ge=0)
     patience: int = Field(ge=1, description="epochs without a better validation Dice before stopping")
     loss: str = "bce_dice"
+    hflip: bool = Field(False, description="mirror half of the training samples left-right")
     channels: tuple[int, ...] = (16, 32, 64, 128)
     seed: int = 0
     per_dataset: dict[str, TrainOverrides] = {}

@@ -16,7 +16,7 @@ def _unet(in_channels: int, out_channels: int, channels: tuple[int, ...]) -> nn.
         out_channels=out_channels,
         channels=channels,
         strides=(2,) * (len(channels) - 1),
-        num_res_units=2,
+        num_res_units=1,
     )
 
 

@@ -33,6 +33,26 @@ class FitResult:
     stopped_early: bool
 
 
+def next_batches(n: int, batch_size: int, steps: int, generator: torch.Generator):
+    """`steps` batches of indices into n samples, drawn from successive seeded permutations, so
+    every sample is seen equally often however the steps fall across epochs (nnU-Net style:
+    an epoch is a fixed number of steps, not one pass over a possibly tiny dataset)."""
+    pending = torch.empty(0, dtype=torch.long)
+    for _ in range(steps):
+        while len(pending) < batch_size:
+            pending = torch.cat([pending, torch.randperm(n, generator=generator)])
+        yield pending[:batch_size]
+        pending = pending[batch_size:]
+
+
+def random_hflip(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mirror half of the samples left-right, image and every mask channel alike."""
+    flip = torch.rand(len(x), generator=generator) < 0.5
+    x, y = x.clone(), y.clone()
+    x[flip], y[flip] = x[flip].flip(-1), y[flip].flip(-1)
+    return x, y
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -76,20 +96,21 @@ def fit(
 
     for epoch in range(cfg.epochs):
         model.train()
-        order = torch.randperm(len(x_train), generator=shuffle)
         total = 0.0
-        for start in range(0, len(order), cfg.batch_size):
-            idx = order[start : start + cfg.batch_size]
+        for idx in next_batches(len(x_train), cfg.batch_size, cfg.steps_per_epoch, shuffle):
+            x, y = x_train[idx], y_train[idx]
+            if cfg.hflip:
+                x, y = random_hflip(x, y, shuffle)
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(x_train[idx].to(device)), y_train[idx].to(device))
+            loss = loss_fn(model(x.to(device)), y.to(device))
             loss.backward()
             optimizer.step()
-            total += loss.item() * len(idx)
+            total += loss.item()
         scheduler.step()
 
         val_pred = predict_logits(model, val[0], cfg.batch_size, device) > 0
         val_dice = mean_dice(val_pred.numpy(), val[1].numpy())
-        train_loss = total / len(x_train)
+        train_loss = total / cfg.steps_per_epoch
         log.info("epoch %d: train loss %.4f, val dice %.4f", epoch, train_loss, val_dice)
         if tracker is not None:
             tracker.log_metric("train/loss", train_loss)

@@ -21,7 +21,7 @@ SMALL_PARAMS = {
     },
     "image_size": {"kvasir": [32, 32], "usc_timit": [32, 32], "hand_xray": [64, 64]},
     "split": {"k": 2, "seed": 0, "test_fraction": 0.25},
-    "train": {"folds": [0, 1], "epochs": 2, "channels": [8, 16, 32], "per_dataset": {}},
+    "train": {"folds": [0, 1], "epochs": 2, "steps_per_epoch": 3, "channels": [8, 16, 32], "per_dataset": {}},
 }
 
 

@@ -5,7 +5,7 @@ from segpipe.data import load_samples
 from segpipe.train import fit, load_model, new_model
 
 CFG = TrainConfig(
-    archs=("unet",), folds=(0,), epochs=25, batch_size=4, lr=0.01, patience=25, channels=(8, 16, 32), seed=0
+    archs=("unet",), folds=(0,), epochs=25, steps_per_epoch=2, batch_size=4, lr=0.01, patience=25, channels=(8, 16, 32), seed=0
 )
 META = {"arch": "unet", "classes": ["disc"], "in_channels": 1, "image_size": [32, 32], "channels": [8, 16, 32]}
 
@@ -47,3 +47,22 @@ def test_same_seed_gives_bitwise_identical_weights_on_cpu(disc_stores, tmp_path)
         fit(new_model(META, cfg.seed), train, val, cfg, tmp_path / run, torch.device("cpu"), META)
         weights.append(torch.load(tmp_path / run / "last.pt")["state_dict"])
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_batches_visit_every_sample_equally_often_across_steps():
+    from segpipe.train import next_batches
+
+    seen = torch.cat(list(next_batches(10, 4, steps=5, generator=torch.Generator().manual_seed(0))))
+    assert len(seen) == 20 and torch.bincount(seen, minlength=10).tolist() == [2] * 10
+
+
+def test_hflip_mirrors_image_and_every_mask_channel_together():
+    from segpipe.train import random_hflip
+
+    x = torch.arange(2 * 1 * 2 * 3, dtype=torch.float32).reshape(2, 1, 2, 3)
+    y = torch.stack([x[:, 0], -x[:, 0]], dim=1)  # two mask channels derived from the image
+    fx, fy = random_hflip(x, y, torch.Generator().manual_seed(3))
+    flipped = [not torch.equal(fx[i], x[i]) for i in range(2)]
+    assert any(flipped)
+    for i in range(2):
+        assert torch.equal(fy[i, 0], fx[i, 0]) and torch.equal(fy[i, 1], -fx[i, 0])
