@@ -7,6 +7,7 @@ import numpy as np
 
 from segpipe.atomic import atomic_dir
 from segpipe.errors import StoreError
+from segpipe.preprocess import to_float16, to_float32
 from segpipe.store import CaseStore
 
 
@@ -14,7 +15,7 @@ def mean_probabilities(stores: list[CaseStore], case_id: str) -> np.ndarray:
     """Running float32 mean, so memory holds one member's output and the sum, whatever their number."""
     total = None
     for store in stores:
-        prob = store.array(case_id, "prob")[:].astype(np.float32)
+        prob = to_float32(store.array(case_id, "prob")[:])
         total = prob if total is None else total + prob
     return total / len(stores)
 
@@ -36,5 +37,5 @@ def ensemble_stores(members: list[Path], out: Path, threshold: float) -> None:
         for case_id in cases:
             prob = mean_probabilities(stores, case_id)
             ensemble.write_case(case_id, stores[0].case_attrs(case_id))
-            ensemble.write_array(case_id, "prob", prob.astype(np.float16))
+            ensemble.write_array(case_id, "prob", to_float16(prob))
             ensemble.write_array(case_id, "mask", (prob >= threshold).astype(np.uint8))

@@ -43,3 +43,13 @@ def masks_to_target(masks: np.ndarray, size: tuple[int, int], channels_per_step:
         part = torch.from_numpy(np.ascontiguousarray(masks[:, start : start + channels_per_step])).float()
         out.append((resize(part, size) > 0.5).float())
     return torch.cat(out, dim=1)
+
+
+def to_float16(array: np.ndarray | torch.Tensor) -> np.ndarray:
+    """Cast to float16 through torch: numpy's own cast is ~20x slower (43 s of a 60 s hand-X-ray inference)."""
+    tensor = array if isinstance(array, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(array))
+    return tensor.to(torch.float16).numpy()
+
+
+def to_float32(array: np.ndarray) -> np.ndarray:
+    return torch.from_numpy(np.ascontiguousarray(array)).to(torch.float32).numpy()
