@@ -43,6 +43,8 @@ def env() -> dict[str, str]:
         "NO_ALBUMENTATIONS_UPDATE": "1",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+        # Bitwise-equal artifacts from `dvc repro` and the flow need the same torch thread count.
+        "OMP_NUM_THREADS": "1",
     }
 
 

@@ -3,6 +3,7 @@ change a parameter, rerun one fold)."""
 from __future__ import annotations
 
 import json
+import sys
 import time
 
 import numpy as np
@@ -11,7 +12,7 @@ import yaml
 
 from segpipe.splits import read_split
 from segpipe.store import CaseStore
-from tests.pipeline_repo import dvc, make_repo, ran_stages
+from tests.pipeline_repo import dvc, make_repo, ran_stages, sh
 
 DATASETS = ("kvasir", "usc_timit", "hand_xray")
 
@@ -21,6 +22,7 @@ def repo(tmp_path_factory):
     repo = make_repo(tmp_path_factory.mktemp("pipeline"))
     result = dvc(repo, "repro")
     repo.joinpath("first_repro.log").write_text(result.stdout)
+    repo.joinpath("first_outs.json").write_text(json.dumps(_outs(repo)))
     return repo
 
 
@@ -72,3 +74,30 @@ def test_changing_epochs_reruns_only_training_and_what_depends_on_it(repo):
 
     assert ran_stages(dvc(repo, "repro").stdout) == expected - {one_fold}
     assert json.loads(dvc(repo, "status", "--json").stdout) == {}
+
+
+@pytest.fixture(scope="module")
+def flow_repo(tmp_path_factory):
+    repo = make_repo(tmp_path_factory.mktemp("flow"))
+    result = sh(repo, sys.executable, "-m", "flows.pipeline", "run", "--repo", str(repo), "--max-parallel", "2")
+    return repo, json.loads(result.stdout[result.stdout.index("{"):])
+
+
+def _outs(repo) -> dict[str, str]:
+    """Every cached output of dvc.lock with its hash: what a run produced."""
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    return {o["path"]: o["md5"] for stage in lock["stages"].values() for o in stage.get("outs", [])}
+
+
+def test_prefect_flow_runs_the_demo_through_dvc_and_leaves_status_clean(flow_repo):
+    repo, summary = flow_repo
+    assert set(summary.values()) == {"ran"}
+    assert set(summary) == _stage_names(repo)
+    assert json.loads(dvc(repo, "status", "--json").stdout) == {}
+    for name in DATASETS:
+        assert 0 <= json.loads((repo / "reports" / name / "metrics.json").read_text())["dice"] <= 1
+
+
+def test_prefect_flow_and_dvc_repro_produce_the_same_artifacts(repo, flow_repo):
+    # Compared with what the first `dvc repro` produced, before a test above changed params.
+    assert _outs(flow_repo[0]) == json.loads(repo.joinpath("first_outs.json").read_text())
