@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from segpipe.config import Params, load_params
+from segpipe.config import DATASET_NAMES, Params, load_params
 from segpipe.errors import SegpipeError
 
 PARAMS = Path("params.yaml")
@@ -46,6 +46,26 @@ def member_path(dataset: str, arch: str, fold: int) -> Path:
 def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--params", type=Path, default=PARAMS, help="params.yaml to read (default: %(default)s)")
+    return p
+
+
+INPUT_HELP = {
+    "images": "ingest store (default: data/interim/<dataset>.zarr)",
+    "labels": "labels store (default: data/labels/<dataset>.zarr)",
+    "split": "split JSON (default: data/splits/<dataset>.json)",
+}
+
+
+def dataset_parser(description: str, *inputs: str, member: bool = False) -> argparse.ArgumentParser:
+    """A stage parser with --dataset, the standard input stores in `inputs`, and, for a stage of
+    one ensemble member, --arch and --fold."""
+    p = parser(description)
+    p.add_argument("--dataset", required=True, choices=DATASET_NAMES)
+    if member:
+        p.add_argument("--arch", required=True)
+        p.add_argument("--fold", type=int, required=True)
+    for name in inputs:
+        p.add_argument(f"--{name}", type=Path, help=INPUT_HELP[name])
     return p
 
 

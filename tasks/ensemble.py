@@ -9,8 +9,7 @@ from tasks import common
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = common.parser(__doc__)
-    p.add_argument("--dataset", required=True)
+    p = common.dataset_parser(__doc__)
     p.add_argument("--members", type=Path, nargs="*", help="default: every arch and fold of params' train section")
     p.add_argument("--out", type=Path, help="default: data/predictions/<dataset>/ensemble.zarr")
     return p

@@ -13,12 +13,8 @@ from tasks import common
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = common.parser(__doc__)
-    p.add_argument("--dataset", required=True)
+    p = common.dataset_parser(__doc__, "images", "labels", "split")
     p.add_argument("--predictions", type=Path, help="default: data/predictions/<dataset>/ensemble.zarr")
-    p.add_argument("--images", type=Path, help="default: data/interim/<dataset>.zarr")
-    p.add_argument("--labels", type=Path, help="default: the dataset's label store")
-    p.add_argument("--split", type=Path, help="default: data/splits/<dataset>.json")
     p.add_argument("--out", type=Path, help="default: reports/<dataset>/metrics.json")
     return p
 

@@ -13,13 +13,8 @@ from tasks import common
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = common.parser(__doc__)
-    p.add_argument("--dataset", required=True)
-    p.add_argument("--arch", required=True)
-    p.add_argument("--fold", type=int, required=True)
+    p = common.dataset_parser(__doc__, "images", "split", member=True)
     p.add_argument("--model", type=Path, help="default: models/<dataset>/<arch>/fold<k>/best.pt")
-    p.add_argument("--images", type=Path, help="default: data/interim/<dataset>.zarr")
-    p.add_argument("--split", type=Path, help="default: data/splits/<dataset>.json (its test cases are predicted)")
     p.add_argument("--out", type=Path, help="default: data/predictions/<dataset>/folds/<arch>/fold<k>.zarr")
     return p
 

@@ -11,14 +11,12 @@ import argparse
 from pathlib import Path
 
 from segpipe.atomic import write_json
-from segpipe.config import DATASET_NAMES
 from segpipe.ingest import ingest
 from tasks import common
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = common.parser("Ingest one dataset's raw layout into its Zarr store.")
-    p.add_argument("--dataset", required=True, choices=DATASET_NAMES)
+    p = common.dataset_parser("Ingest one dataset's raw layout into its Zarr store.")
     p.add_argument("--raw", type=Path, help="raw layout root (default: params datasets.<name>.raw)")
     p.add_argument("--out", type=Path, help="store to write (default: data/interim/<name>.zarr)")
     p.add_argument("--report", type=Path, help="report JSON (default: reports/<name>/ingest.json)")

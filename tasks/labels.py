@@ -13,9 +13,7 @@ from tasks import common
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = common.parser(__doc__)
-    p.add_argument("--dataset", required=True)
-    p.add_argument("--images", type=Path, help="ingest store; default: data/interim/<dataset>.zarr")
+    p = common.dataset_parser(__doc__, "images")
     p.add_argument("--out", type=Path, help="default: data/labels/<dataset>.zarr")
     p.add_argument("--report", type=Path, help="default: reports/<dataset>/labels.json")
     return p

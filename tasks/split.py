@@ -11,9 +11,7 @@ from tasks import common
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = common.parser(__doc__)
-    p.add_argument("--dataset", required=True)
-    p.add_argument("--labels", type=Path, help="store whose labelled cases are split (default: the dataset's labels)")
+    p = common.dataset_parser(__doc__, "labels")
     p.add_argument("--out", type=Path, help="default: data/splits/<dataset>.json")
     return p
 

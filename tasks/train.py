@@ -16,13 +16,7 @@ from tasks import common
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = common.parser(__doc__)
-    p.add_argument("--dataset", required=True)
-    p.add_argument("--arch", required=True)
-    p.add_argument("--fold", type=int, required=True)
-    p.add_argument("--images", type=Path, help="default: data/interim/<dataset>.zarr")
-    p.add_argument("--labels", type=Path, help="default: the dataset's label store")
-    p.add_argument("--split", type=Path, help="default: data/splits/<dataset>.json")
+    p = common.dataset_parser(__doc__, "images", "labels", "split", member=True)
     p.add_argument("--out", type=Path, help="default: models/<dataset>/<arch>/fold<k>")
     p.add_argument("--metrics", type=Path, help="DVCLive folder; default: reports/<dataset>/train/<arch>-fold<k>")
     return p
