@@ -10,11 +10,9 @@ from segpipe.store import CaseStore, frames_of
 
 def labelled_frames(labels: CaseStore, case_id: str) -> np.ndarray:
     """Indices of the frames of a case that carry a trusted label (all, unless a `keep` array says otherwise)."""
-    mask = labels.array(case_id, "mask")
-    n_frames = mask.shape[0] if labels.is_video(case_id) else 1
     if labels.has(case_id, "keep"):
         return np.flatnonzero(labels.array(case_id, "keep")[:])
-    return np.arange(n_frames)
+    return np.arange(labels.array(case_id, "mask").shape[0] if labels.is_video(case_id) else 1)
 
 
 def load_samples(
