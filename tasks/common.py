@@ -38,6 +38,10 @@ def labels_path(dataset: str) -> Path:
     return LABELS / f"{dataset}.zarr"
 
 
+def model_dir(dataset: str, arch: str, fold: int) -> Path:
+    return MODELS / dataset / arch / f"fold{fold}"
+
+
 def member_path(dataset: str, arch: str, fold: int) -> Path:
     """One fold's predictions; all members of a dataset lie under one folder the ensemble depends on."""
     return PREDICTIONS / dataset / "folds" / arch / f"fold{fold}.zarr"

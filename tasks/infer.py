@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(ns: argparse.Namespace) -> None:
     params = common.params_of(ns)
     device = resolve_device(params.device)
-    model, meta = load_model(ns.model or common.MODELS / ns.dataset / ns.arch / f"fold{ns.fold}" / "best.pt", device)
+    model, meta = load_model(ns.model or common.model_dir(ns.dataset, ns.arch, ns.fold) / "best.pt", device)
     images = CaseStore(ns.images or common.store_path(ns.dataset))
     cases = read_split(ns.split or common.SPLITS / f"{ns.dataset}.json").test
     out = ns.out or common.member_path(ns.dataset, ns.arch, ns.fold)

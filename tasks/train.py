@@ -38,7 +38,7 @@ def main(ns: argparse.Namespace) -> None:
     }
     model = new_model(meta, cfg.seed)
     metrics_dir = ns.metrics or common.REPORTS / ns.dataset / "train" / f"{ns.arch}-fold{ns.fold}"
-    out = ns.out or common.MODELS / ns.dataset / ns.arch / f"fold{ns.fold}"
+    out = ns.out or common.model_dir(ns.dataset, ns.arch, ns.fold)
     with atomic_dir(out) as tmp, Live(str(metrics_dir), save_dvc_exp=False, dvcyaml=None) as live:
         result = fit(model, train, val, cfg, tmp, resolve_device(params.device), meta, tracker=live)
         live.summary.update({"best_epoch": result.best_epoch, "best_val_dice": result.best_dice})
