@@ -26,6 +26,18 @@ class DatasetConfig(Section):
     image_size: tuple[int, int] = Field(description="the scale the model sees: (H, W)")
     labels: Literal["ingest", "pseudolabel"] = "ingest"
     truth: Path | None = Field(None, description="true masks kept aside (demo only), to score against")
+    tile_scale: float | None = Field(
+        None, gt=0, le=1,
+        description="None: each whole image/frame is resized to image_size (small images). A number: the model "
+        "sees the image at this scale in image_size tiles: trained on random crops, predicted by sliding window "
+        "over the full-resolution image read tile by tile from Zarr (large images)",
+    )
+
+    def tile_extent(self) -> tuple[int, int] | None:
+        """The full-resolution extent (H, W) one model tile covers, or None when whole images are resized."""
+        if self.tile_scale is None:
+            return None
+        return tuple(round(s / self.tile_scale) for s in self.image_size)
 
 
 class KvasirDemo(Section):
@@ -60,6 +72,12 @@ class IngestConfig(Section):
     on_error: Literal["fail", "skip"] = "fail"
     chunk: int = Field(512, ge=16, description="spatial chunk edge of large images")
     video_chunk_frames: int = Field(16, ge=1)
+
+
+class DaskConfig(Section):
+    scheduler: str | None = Field(None, description="address of a running Dask scheduler; None: a LocalCluster")
+    n_workers: int = Field(2, ge=1, description="LocalCluster workers (ignored with a scheduler address)")
+    threads_per_worker: int = Field(1, ge=1)
 
 
 class PseudolabelConfig(Section):
@@ -117,6 +135,7 @@ class EnsembleConfig(Section):
 
 class Params(Section):
     device: str = "auto"
+    dask: DaskConfig = DaskConfig()
     datasets: dict[str, DatasetConfig]
     demo: DemoConfig
     ingest: IngestConfig

@@ -1,0 +1,25 @@
+"""Dask for the stages that fan out over files, cases or tiles: a LocalCluster by default, or the
+scheduler named in params for a real cluster."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from distributed import Client, LocalCluster
+
+from segpipe.config import DaskConfig
+
+
+@contextmanager
+def dask_client(cfg: DaskConfig) -> Iterator[Client]:
+    """A client for the configured scheduler; a LocalCluster started here is closed on exit."""
+    if cfg.scheduler:
+        with Client(cfg.scheduler) as client:
+            yield client
+        return
+    # No dashboard: it would need bokeh and a free port, and nobody watches a stage's workers.
+    with LocalCluster(
+        n_workers=cfg.n_workers, threads_per_worker=cfg.threads_per_worker, processes=True,
+        dashboard_address=None,
+    ) as cluster, Client(cluster) as client:
+        yield client
