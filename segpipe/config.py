@@ -4,6 +4,7 @@ The library takes these models (or the plain values in them); only `tasks/` read
 """
 from __future__ import annotations
 
+from itertools import combinations
 from pathlib import Path
 from typing import Literal
 
@@ -72,6 +73,10 @@ class IngestConfig(Section):
     on_error: Literal["fail", "skip"] = "fail"
     chunk: int = Field(512, ge=16, description="spatial chunk edge of large images")
     video_chunk_frames: int = Field(16, ge=1)
+    max_in_flight: int | None = Field(
+        None, ge=1, description="cases queued or being decoded at once, which bounds memory; None: 2 per Dask "
+        "worker thread",
+    )
 
 
 class DaskConfig(Section):
@@ -89,6 +94,14 @@ class SplitConfig(Section):
     k: int = Field(ge=2)
     seed: int = 0
     test_fraction: float = Field(gt=0, lt=1)
+    stratify: dict[Literal[DATASET_NAMES], Literal["none", "mask_area", "class_count"]] = Field(
+        {}, description="per dataset, what each fold and the test set get their share of (default none): "
+        "mask_area: bins of the foreground fraction (polyp size); class_count: classes present",
+    )
+    area_bins: int = Field(3, ge=2, description="quantile bins of mask_area (3: tertiles)")
+
+    def stratify_for(self, dataset: str) -> str:
+        return self.stratify.get(dataset, "none")
 
 
 class TrainOverrides(Section):
@@ -97,7 +110,21 @@ class TrainOverrides(Section):
     batch_size: int | None = None
     lr: float | None = None
     patience: int | None = None
-    hflip: bool | None = None
+    foreground_fraction: float | None = None
+
+
+class LossConfig(Section):
+    """Options of the losses in segpipe/losses.py; each loss reads only its own."""
+
+    bce_weight: float = Field(0.5, ge=0, description="bce_dice: weight of the BCE term")
+    dice_weight: float = Field(0.5, ge=0, description="bce_dice, dice_focal: weight of the soft Dice term")
+    focal_weight: float = Field(0.5, ge=0, description="dice_focal: weight of the focal term")
+    focal_gamma: float = Field(2.0, ge=0, description="dice_focal: focusing exponent of the focal term")
+    tversky_alpha: float = Field(0.3, ge=0, description="tversky, focal_tversky: weight of false positives")
+    tversky_beta: float = Field(0.7, ge=0, description="tversky, focal_tversky: weight of false negatives")
+    tversky_gamma: float = Field(0.75, gt=0, description="focal_tversky: exponent of (1 - Tversky index)")
+    border_w0: float = Field(10.0, ge=0, description="unet_weighted: peak weight of gaps between objects")
+    border_sigma: float = Field(5.0, gt=0, description="unet_weighted: width in pixels of that border weight")
 
 
 class TrainConfig(Section):
@@ -110,8 +137,20 @@ class TrainConfig(Section):
     weight_decay: float = Field(0.0, ge=0)
     patience: int = Field(ge=1, description="epochs without a better validation Dice before stopping")
     loss: str = "bce_dice"
-    hflip: bool = Field(False, description="mirror half of the training samples left-right")
+    loss_options: LossConfig = LossConfig()
+    optimizer: Literal["adam", "adamw"] = "adamw"
+    schedule: Literal["cosine", "poly"] = Field("cosine", description="learning rate per epoch, from lr down to 0")
+    poly_power: float = Field(0.9, gt=0, description="poly: lr * (1 - epoch / epochs) ** poly_power")
+    top_k: int = Field(1, ge=1, description="best epochs kept by validation Dice, as top/epochNNN.pt")
+    amp: bool = Field(True, description="mixed precision (autocast + GradScaler) when training on CUDA")
+    foreground_fraction: float = Field(
+        0.33, ge=0, le=1, description="tiled training (tile_scale): share of crops centred on a labelled pixel"
+    )
     channels: tuple[int, ...] = (16, 32, 64, 128)
+    encoder: str = Field("efficientnet-b0", description="flexible_unet: the EfficientNet backbone")
+    encoder_weights: Path | None = Field(
+        None, description="flexible_unet: a local file of backbone weights (no download); None: random init"
+    )
     seed: int = 0
     per_dataset: dict[str, TrainOverrides] = {}
 
@@ -124,13 +163,80 @@ class TrainConfig(Section):
 
 
 class InferConfig(Section):
-    overlap: float = Field(0.25, ge=0, lt=1)
-    mode: Literal["gaussian", "constant"] = "gaussian"
-    batch_size: int = Field(4, ge=1)
+    overlap: float = Field(0.25, ge=0, lt=1, description="fraction of a tile shared with its neighbour (0.25..0.5)")
+    mode: Literal["gaussian", "constant"] = Field(
+        "gaussian", description="blending weights of overlapping tiles (gaussian: sigma 1/8 of the tile, as MONAI)"
+    )
+    batch_size: int = Field(4, ge=1, description="tiles (or frames) per forward pass")
+    hflip: bool = Field(False, description="test-time augmentation: also predict the left-right mirror image")
+    vflip: bool = Field(False, description="test-time augmentation: also predict the upside-down image")
+    band_rows: int = Field(
+        4096, ge=16, description="a tiled image taller than this is predicted as several Dask tasks of about "
+        "this many rows each (rounded to whole chunk rows)",
+    )
+
+    def tta_flips(self) -> list[tuple[int, ...]]:
+        """The flipped views to average with the plain one: every combination of the chosen axes (as nnU-Net)."""
+        axes = [d for d, on in ((-1, self.hflip), (-2, self.vflip)) if on]
+        return [combo for n in range(1, len(axes) + 1) for combo in combinations(axes, n)]
 
 
 class EnsembleConfig(Section):
-    threshold: float = Field(0.5, gt=0, lt=1)
+    weighting: Literal["mean", "val_dice"] = Field(
+        "val_dice", description="mean: every member alike | val_dice: members weighted by their validation Dice"
+    )
+    threshold: float = Field(
+        0.5, gt=0, lt=1,
+        description="fixed threshold: used when tuning is off or a class has no positive validation pixels",
+    )
+    tune: bool = Field(True, description="tune one threshold per class on the out-of-fold validation predictions")
+    grid_step: float = Field(
+        0.05, ge=0.01, le=0.5, description="candidate thresholds step, 2*step, ... below 1 (plus the fixed threshold)"
+    )
+    batch_frames: int = Field(16, ge=1, description="video frames held in memory at once")
+
+
+class DatasetAugment(Section):
+    """One dataset's training augmentation (segpipe/augment.py): a probability per transform (0: off),
+    then the magnitudes. Geometry moves the image and every mask channel together."""
+    hflip: float = Field(0.0, ge=0, le=1)
+    vflip: float = Field(0.0, ge=0, le=1)
+    affine: float = Field(0.0, ge=0, le=1)
+    elastic: float = Field(0.0, ge=0, le=1)
+    color_jitter: float = Field(0.0, ge=0, le=1)
+    black_corner: float = Field(0.0, ge=0, le=1, description="black box at the lower left, image only (Kvasir)")
+    clahe: float = Field(0.0, ge=0, le=1)
+    scale: tuple[float, float] = Field((0.85, 1.15), description="affine zoom range")
+    rotate: float = Field(15.0, ge=0, le=180, description="affine rotation: +-degrees")
+    translate: float = Field(0.05, ge=0, le=0.5, description="affine shift: +- fraction of each edge")
+    elastic_alpha: float = Field(300.0, gt=0, description="displacement gain (pixels): 300 with sigma 10 ~ 2 px")
+    elastic_sigma: float = Field(10.0, gt=0, description="smoothness of the displacement field (pixels)")
+    jitter: float = Field(0.2, ge=0, lt=1, description="brightness, contrast, saturation: factor 1 +- jitter")
+    hue: float = Field(0.02, ge=0, le=0.5, description="hue shift: +- fraction of the hue circle")
+    black_corner_size: tuple[float, float] = Field(
+        (0.2, 0.45), description="box width and height, each drawn in this range as a fraction of the edge"
+    )
+    clahe_clip: float = Field(3.0, ge=1, description="CLAHE clip limit drawn in [1, clahe_clip]")
+
+    @model_validator(mode="after")
+    def _ranges(self) -> DatasetAugment:
+        if not 0 < self.scale[0] <= self.scale[1]:
+            raise ValueError(f"scale {list(self.scale)} must be 0 < low <= high")
+        if not 0 < self.black_corner_size[0] <= self.black_corner_size[1] <= 1:
+            raise ValueError(f"black_corner_size {list(self.black_corner_size)} must be 0 < low <= high <= 1")
+        return self
+
+
+class AugmentConfig(Section):
+    """Training augmentation per dataset; a dataset left out is not augmented."""
+    kvasir: DatasetAugment = DatasetAugment()
+    usc_timit: DatasetAugment = DatasetAugment()
+    hand_xray: DatasetAugment = DatasetAugment()
+
+    def for_dataset(self, dataset: str) -> DatasetAugment:
+        if dataset not in DATASET_NAMES:
+            raise ConfigError(f"augment.{dataset}: unknown dataset; known: {DATASET_NAMES}")
+        return getattr(self, dataset)
 
 
 class Params(Section):
@@ -144,6 +250,7 @@ class Params(Section):
     train: TrainConfig
     infer: InferConfig
     ensemble: EnsembleConfig
+    augment: AugmentConfig = AugmentConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> Params:

@@ -17,9 +17,9 @@ def dask_client(cfg: DaskConfig) -> Iterator[Client]:
         with Client(cfg.scheduler) as client:
             yield client
         return
-    # No dashboard: it would need bokeh and a free port, and nobody watches a stage's workers.
+    # Any free port for its HTTP server: a fixed one (8787) clashes with a second cluster on the machine.
     with LocalCluster(
         n_workers=cfg.n_workers, threads_per_worker=cfg.threads_per_worker, processes=True,
-        dashboard_address=None,
+        dashboard_address=":0",
     ) as cluster, Client(cluster) as client:
         yield client
