@@ -1,80 +1,243 @@
 """The `ingest` stage: one raw dataset layout -> one Zarr store (see segpipe.store for its layout).
 
-Error policy (`IngestConfig.on_error`):
-    fail  the first IngestError propagates and nothing is written at `out`: the store is built in
-          a temporary sibling and renamed into place only when complete, so a previous store stays.
-    skip  a bad case (or a stray file) is left out and listed in the store attrs `skipped` and in
-          the report; `found == ingested + len(skipped)`, where `found` counts every case and every
-          structural problem that the reader's scan turned up.
+Incremental: every case records the sha256 of its files. A rerun hashes the cases the store
+already holds, re-decodes only new and changed ones and drops cases whose files are gone; when
+nothing changed the store is not touched at all. Everything is ingested afresh when the layout
+params (chunk sizes) or the code that decodes and writes a case differ from what built the store.
 
-Cases are decoded by a small thread pool and written in case order as they arrive, with at most a
-few decoded cases held at once, so memory stays bounded whatever the dataset size.
+Atomic: the new store is built in a temporary sibling (unchanged cases hard-linked from the
+previous store, so their bytes are neither copied nor rewritten) and renamed into place only
+when complete, so a killed or failed ingest leaves the previous store exactly as it was.
+
+Parallel and bounded: cases are hashed and decoded on a Dask cluster, at most `max_in_flight`
+at once; each worker writes its case straight into the temporary store and returns only its
+hashes, so memory holds a few decoded cases, never the dataset. The store must be on a
+filesystem the workers share.
+
+Error policy (`IngestConfig.on_error`):
+    fail  the first IngestError propagates and the previous store (if any) stays as it was.
+    skip  a bad case (or a stray file) is left out and listed in the store attrs `skipped` and in
+          the report; `found == ingested + unchanged + len(skipped)`, where `found` counts every
+          case and every structural problem that the reader's scan turned up. A case that failed
+          is retried only once its files change.
 """
 from __future__ import annotations
 
+import inspect
 import logging
-from collections import deque
-from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from distributed import Client, as_completed, wait
+
+import segpipe.datasets
+import segpipe.store
 from segpipe.atomic import atomic_dir
 from segpipe.config import IngestConfig
 from segpipe.datasets import CaseData, RawCase, reader, sha256
-from segpipe.errors import IngestError
+from segpipe.errors import IngestError, SegpipeError
 from segpipe.store import IMAGE, VIDEO, CaseStore
 
 log = logging.getLogger(__name__)
 
-WORKERS = 2
+LAYOUT_PARAMS = ("chunk", "video_chunk_frames")  # the ingest params that shape the stored arrays
+_END = object()
+# Cases hashed per task on a rerun: hashing a file is far quicker than a task's round trip.
+HASH_BATCH = 32
 
 
 @dataclass
 class IngestReport:
     dataset: str
     found: int
-    ingested: int
-    skipped: list[dict[str, str]] = field(default_factory=list)
+    ingested: int  # cases written by this run: new ones plus `changed`
+    unchanged: int = 0
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)  # case ids re-ingested because their files changed
+    removed: list[str] = field(default_factory=list)  # case ids dropped because their files are gone
+    rebuilt: str | None = None  # why every case was ingested afresh over a previous store, if so
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict (what the stage writes to reports/<dataset>/ingest.json)."""
         return asdict(self)
 
+    def summary(self) -> str:
+        line = (f"{self.found} found: {self.ingested} ingested ({len(self.changed)} changed), "
+                f"{self.unchanged} unchanged, {len(self.skipped)} skipped, {len(self.removed)} removed")
+        return line + (f"; rebuilt: {self.rebuilt}" if self.rebuilt else "")
+
+
+@dataclass(frozen=True)
+class CaseOutcome:
+    """What a worker returns for one case: small and picklable (no arrays; IngestError itself
+    does not survive pickling, so its file and reason travel instead)."""
+
+    case_id: str
+    hashes: list[str]
+    error: tuple[str, str] | None = None
+
 
 @dataclass
-class _Loaded:
-    case: RawCase
-    data: CaseData
-    hashes: list[str]
+class _Previous:
+    """The existing store at `out`, as far as deciding what to redo goes."""
+
+    store: CaseStore
+    hashes: dict[str, list[str]]  # case id -> sha256 of its files
+    failed: dict[str, dict[str, Any]]  # case id -> its skip entry (cases whose decoding failed)
 
 
-def ingest(dataset: str, raw: Path, out: Path, cfg: IngestConfig) -> IngestReport:
-    """Read every case of `raw` with the dataset's reader and write the store at `out`, atomically."""
-    module = reader(dataset)
-    raw = Path(raw)
+def ingest(dataset: str, raw: Path, out: Path, cfg: IngestConfig, client: Client) -> IngestReport:
+    """Bring the store at `out` up to date with every case of `raw`; `client`'s workers hash,
+    decode and write the cases (they must see `raw` and `out` at the same paths)."""
+    module, raw, out = reader(dataset), Path(raw), Path(out)
     scan = module.scan(raw)
-    cases, problems = _unique(scan.cases)
-    problems = scan.problems + problems
+    cases, duplicates = _unique(scan.cases)
     report = IngestReport(dataset, found=len(scan.cases) + len(scan.problems), ingested=0)
-    for problem in problems:
+    for problem in scan.problems + duplicates:
         _reject(problem, cfg, report, raw)
+    limit = in_flight_limit(cfg, client)
+    code = _code_fingerprint(module)
+    previous, report.rebuilt = _previous(out, dataset, cfg, code)
+
+    unchanged, failed, todo = _compare(client, cases, previous, limit)
+    for case in failed:  # failed before and unchanged since: no point decoding them again
+        entry = previous.failed[case.case_id]
+        _reject(IngestError(raw / entry["source"], entry["reason"]), cfg, report, raw, entry)
+    present = {case.case_id for case in cases}
+    report.removed = sorted(set(previous.hashes) - present) if previous else []
+    report.changed = [case.case_id for case in todo if previous and case.case_id in previous.hashes]
+    report.unchanged = len(unchanged)
+    attrs = {"dataset": dataset, "classes": module.CLASSES, "ingest": cfg.model_dump(), "code": code}
+    if previous and not todo and not report.removed and previous.store.attrs == _root_attrs(attrs, report):
+        log.info("%s: store %s is up to date (%d cases)", dataset, out, report.unchanged)
+        return report
+
     with atomic_dir(out) as tmp:
-        store = CaseStore.create(tmp, dataset=dataset, classes=module.CLASSES, ingest=cfg.model_dump())
-        for loaded in _load_all(module, cases):
-            if isinstance(loaded, IngestError):
-                _reject(loaded, cfg, report, raw)
-                continue
-            _write(store, loaded, raw, cfg)
-            report.ingested += 1
-        if not report.ingested:
+        store = CaseStore.create(tmp, **attrs)
+        for case in unchanged:
+            store.link_case(previous.store, case.case_id)
+        _ingest_all(client, todo, store, raw, cfg, report, limit)
+        if not report.ingested + report.unchanged:
             raise IngestError(raw, f"no case could be ingested ({len(report.skipped)} skipped)")
-        store.root.attrs.update({"found": report.found, "skipped": report.skipped})
-    log.info("%s: ingested %d of %d cases (%d skipped) into %s", dataset, report.ingested, report.found,
-             len(report.skipped), out)
+        store.root.update_attributes(_root_attrs({}, report))
+    log.info("%s: %s -> %s", dataset, report.summary(), out)
     return report
+
+
+def _ingest_all(client: Client, cases: list[RawCase], store: CaseStore, raw: Path, cfg: IngestConfig,
+                report: IngestReport, limit: int) -> None:
+    """Have the workers decode `cases` and write them into `store`; count them or reject them."""
+    outcomes: dict[str, CaseOutcome] = {}
+    with closing(map_bounded(client, _ingest_case, cases, limit, dataset=report.dataset, store=store.path,
+                             raw=raw, cfg=cfg)) as arriving:
+        for outcome in arriving:
+            if outcome.error and cfg.on_error == "fail":
+                raise IngestError(*outcome.error)
+            outcomes[outcome.case_id] = outcome
+            report.ingested += not outcome.error
+    for case in cases:  # case order, so the report does not depend on which worker finished first
+        outcome = outcomes[case.case_id]
+        if outcome.error:
+            failed_case = {"case_id": case.case_id, "sha256": outcome.hashes}
+            _reject(IngestError(*outcome.error), cfg, report, raw, failed_case)
+
+
+def in_flight_limit(cfg: IngestConfig, client: Client) -> int:
+    """Cases submitted at once: by default two per worker thread, so each thread has its next case
+    queued while it decodes one, and memory holds a few cases whatever the dataset size."""
+    return cfg.max_in_flight or 2 * sum(client.nthreads().values())
+
+
+def map_bounded(client: Client, fn: Callable[..., Any], items: Iterable[Any], limit: int,
+                **kwargs: Any) -> Iterator[Any]:
+    """`fn(item, **kwargs)` for each item on the cluster, yielded as they complete, with never more
+    than `limit` submitted and unfinished: the cluster holds a few items' work, not the dataset's.
+
+    Close the generator (e.g. with contextlib.closing) when leaving early: it then waits for the
+    work already submitted, so nothing is still writing when the caller cleans up.
+    """
+    items = iter(items)
+    pending = as_completed(loop=client.loop)
+
+    def submit_next() -> None:
+        item = next(items, _END)
+        if item is not _END:
+            # pure=False: results depend on files that may change between calls with equal arguments
+            pending.add(client.submit(fn, item, pure=False, **kwargs))
+
+    try:
+        for _ in range(limit):
+            submit_next()
+        for future in pending:
+            result = future.result()
+            future.release()
+            submit_next()
+            yield result
+    finally:
+        wait(list(pending.futures))  # the unfinished ones
+
+
+def _compare(client: Client, cases: list[RawCase], previous: _Previous | None,
+             limit: int) -> tuple[list[RawCase], list[RawCase], list[RawCase]]:
+    """Split cases into (unchanged, failed before and unchanged, to ingest), hashing on the cluster
+    only the cases the previous store knows: new ones are ingested whatever their hashes."""
+    if previous is None:
+        return [], [], cases
+    known = [case for case in cases if case.case_id in previous.hashes or case.case_id in previous.failed]
+    batches = [known[i:i + HASH_BATCH] for i in range(0, len(known), HASH_BATCH)]
+    current = {o.case_id: o.hashes for batch in map_bounded(client, _hash_cases, batches, limit)
+               for o in batch if not o.error}
+    unchanged, failed, todo = [], [], []
+    for case in cases:
+        hashes = current.get(case.case_id)
+        if hashes is not None and hashes == previous.hashes.get(case.case_id):
+            unchanged.append(case)
+        elif hashes is not None and hashes == previous.failed.get(case.case_id, {}).get("sha256"):
+            failed.append(case)
+        else:  # new, changed, or unreadable (decoding it again reports why)
+            todo.append(case)
+    return unchanged, failed, todo
+
+
+def _previous(out: Path, dataset: str, cfg: IngestConfig, code: str) -> tuple[_Previous | None, str | None]:
+    """The store to update incrementally, or None and why everything must be ingested afresh."""
+    if not out.exists():
+        return None, None
+    try:
+        store = CaseStore(out)
+        attrs = store.attrs
+        hashes = {case_id: _recorded_hashes(store.case_attrs(case_id)) for case_id in store.case_ids()}
+    except (SegpipeError, OSError, ValueError, KeyError) as exc:
+        return None, f"previous store unreadable ({exc})"
+    if attrs.get("dataset") != dataset:
+        return None, f"previous store holds dataset {attrs.get('dataset')!r}"
+    old = {key: attrs.get("ingest", {}).get(key) for key in LAYOUT_PARAMS}
+    new = {key: getattr(cfg, key) for key in LAYOUT_PARAMS}
+    if old != new:
+        return None, f"ingest params changed: {old} -> {new}"
+    if attrs.get("code") != code:
+        return None, "the code that decodes and writes cases changed"
+    failed = {entry["case_id"]: entry for entry in attrs.get("skipped", []) if "case_id" in entry}
+    return _Previous(store, hashes, failed), None
+
+
+def _recorded_hashes(attrs: dict[str, Any]) -> list[str]:
+    return [attrs["sha256"]] + ([attrs["label_sha256"]] if "label_sha256" in attrs else [])
+
+
+def _root_attrs(attrs: dict[str, Any], report: IngestReport) -> dict[str, Any]:
+    return {**attrs, "found": report.found, "skipped": report.skipped}
+
+
+def _code_fingerprint(module: ModuleType) -> str:
+    """sha256 of the sources that decide a case's stored bytes and attrs: a change to any of them
+    (a reader fix, a new attr) must reach every case, not only the new ones."""
+    sources = [inspect.getsourcefile(m) for m in (module, segpipe.datasets, segpipe.store)] + [__file__]
+    return ":".join(sha256(Path(source))[:16] for source in sources)
 
 
 def _unique(cases: list[RawCase]) -> tuple[list[RawCase], list[IngestError]]:
@@ -90,47 +253,68 @@ def _unique(cases: list[RawCase]) -> tuple[list[RawCase], list[IngestError]]:
     return list(seen.values()), problems
 
 
-def _reject(problem: IngestError, cfg: IngestConfig, report: IngestReport, raw: Path) -> None:
+def _reject(problem: IngestError, cfg: IngestConfig, report: IngestReport, raw: Path,
+            failed_case: dict[str, Any] | None = None) -> None:
+    """Raise or list `problem`; a case that failed to decode is listed with its id and hashes
+    (`failed_case`), so that it is retried only once its files change."""
     if cfg.on_error == "fail":
         raise problem
     log.warning("skipping %s", problem)
-    report.skipped.append({"source": _relative(problem.path, raw), "reason": problem.reason})
+    entry = {"source": _relative(problem.path, raw), "reason": problem.reason}
+    report.skipped.append({**entry, "case_id": failed_case["case_id"], "sha256": failed_case["sha256"]}
+                          if failed_case else entry)
 
 
-def _load_all(module: ModuleType, cases: list[RawCase]) -> Iterator[_Loaded | IngestError]:
-    """Decode cases in a pool, yielding them in order; at most WORKERS + 1 are decoded ahead."""
-    with ThreadPoolExecutor(WORKERS, thread_name_prefix="ingest") as pool:
-        pending: deque[Future] = deque()
-        for case in cases:
-            pending.append(pool.submit(_load, module, case))
-            if len(pending) > WORKERS:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
+# --- what runs on the workers ------------------------------------------------------------------
 
 
-def _load(module: ModuleType, case: RawCase) -> _Loaded | IngestError:
-    # Returned, not raised, so the consumer decides by policy and the pool is not left half-cancelled.
+def _hash_cases(cases: list[RawCase]) -> list[CaseOutcome]:
+    outcomes = []
+    for case in cases:
+        try:
+            outcomes.append(CaseOutcome(case.case_id, _hashes(case)))
+        except IngestError as exc:
+            outcomes.append(CaseOutcome(case.case_id, [], (str(exc.path), exc.reason)))
+    return outcomes
+
+
+def _ingest_case(case: RawCase, dataset: str, store: Path, raw: Path, cfg: IngestConfig) -> CaseOutcome:
+    """Decode one case and write it into the store; IngestErrors are returned, not raised, so the
+    client applies the error policy and the remaining work is not left half-cancelled."""
+    hashes: list[str] = []
     try:
-        return _Loaded(case, module.load_case(case), [sha256(path) for path in case.files()])
+        hashes = _hashes(case)
+        data = reader(dataset).load_case(case)
     except IngestError as exc:
-        return exc
+        return CaseOutcome(case.case_id, hashes, (str(exc.path), exc.reason))
+    _write(CaseStore(store, mode="r+"), case, data, hashes, raw, cfg)
+    return CaseOutcome(case.case_id, hashes)
 
 
-def _write(store: CaseStore, loaded: _Loaded, raw: Path, cfg: IngestConfig) -> None:
-    case, data = loaded.case, loaded.data
+def _hashes(case: RawCase) -> list[str]:
+    hashes = []
+    for path in case.files():
+        try:
+            hashes.append(sha256(path))
+        except OSError as exc:
+            raise IngestError(path, f"unreadable: {exc.strerror or exc}") from exc
+    return hashes
+
+
+def _write(store: CaseStore, case: RawCase, data: CaseData, hashes: list[str], raw: Path,
+           cfg: IngestConfig) -> None:
     kind = data.attrs.get("kind", IMAGE)
     attrs: dict[str, Any] = {
         "group": case.group,
         "source": _relative(case.source, raw),
-        "sha256": loaded.hashes[0],
+        "sha256": hashes[0],
         "original_size": list(data.image.shape[1:3] if kind == VIDEO else data.image.shape[:2]),
         "labelled": data.mask is not None,
         **data.attrs,
         "kind": kind,
     }
     if case.label is not None:
-        attrs.update(label_source=_relative(case.label, raw), label_sha256=loaded.hashes[1])
+        attrs.update(label_source=_relative(case.label, raw), label_sha256=hashes[1])
     store.write_case(case.case_id, attrs)
     sizes = {"chunk": cfg.chunk, "frames": cfg.video_chunk_frames}
     store.write_array(case.case_id, "image", data.image, **sizes)

@@ -3,7 +3,9 @@
     python -m tasks.ingest --dataset kvasir [--raw DIR] [--out STORE.zarr] [--report FILE.json]
 
 Defaults: raw from params `datasets.<name>.raw`, out `data/interim/<name>.zarr`,
-report `reports/<name>/ingest.json`. The error policy is params `ingest.on_error`.
+report `reports/<name>/ingest.json`. The error policy is params `ingest.on_error`; the Dask
+cluster is params `dask` (a LocalCluster, or a running scheduler's address). An existing store at
+`out` is updated incrementally: only new and changed files are decoded, removed ones dropped.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from pathlib import Path
 
 from segpipe.atomic import write_json
 from segpipe.ingest import ingest
+from segpipe.parallel import dask_client
 from tasks import common
 
 
@@ -28,10 +31,10 @@ def main(ns: argparse.Namespace) -> None:
     raw = ns.raw or params.dataset(ns.dataset).raw
     out = ns.out or common.store_path(ns.dataset)
     report_path = ns.report or common.REPORTS / ns.dataset / "ingest.json"
-    report = ingest(ns.dataset, raw, out, params.ingest)
+    with dask_client(params.dask) as client:
+        report = ingest(ns.dataset, raw, out, params.ingest, client)
     write_json(report_path, report.to_json())
-    skipped = len(report.skipped)
-    print(f"ingest {ns.dataset}: {report.ingested} of {report.found} ingested, {skipped} skipped -> {out}")
+    print(f"ingest {ns.dataset}: {report.summary()} -> {out}")
 
 
 if __name__ == "__main__":

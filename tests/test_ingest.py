@@ -1,32 +1,50 @@
-"""The ingest stage: raw layouts -> Zarr store, its error policy, and the `tasks.ingest` CLI."""
+"""The ingest stage: raw layouts -> Zarr store, its error policy, incremental reruns, Dask, and
+the `tasks.ingest` CLI."""
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
+from dask.utils import key_split
+from distributed import LocalCluster
+from distributed.diagnostics.plugin import SchedulerPlugin
 from PIL import Image
 
-from segpipe.config import IngestConfig
+from segpipe.config import DaskConfig, IngestConfig
 from segpipe.errors import IngestError
-from segpipe.ingest import IngestReport, ingest
+from segpipe.ingest import IngestReport, ingest, map_bounded
+from segpipe.parallel import dask_client
 from segpipe.store import CaseStore
 from tasks import ingest as stage
 from tests.conftest import SHARED_DATA, needs_shared_data
+from tests.pipeline_repo import dvc, make_repo, ran_stages
 
 ROOT = Path(__file__).resolve().parents[1]
 FAIL, SKIP = IngestConfig(on_error="fail"), IngestConfig(on_error="skip")
 SQUARE = [[10, 10], [30, 10], [30, 30], [10, 30]]
 
 
-def kvasir_pair(raw: Path, stem: str, size=(40, 32), mask_size=None) -> None:
+@pytest.fixture(scope="module")
+def client():
+    """One LocalCluster of worker processes for the module (as the stage starts by default), so
+    cases really travel to other processes and back."""
+    with dask_client(DaskConfig(n_workers=2, threads_per_worker=1)) as c:
+        yield c
+
+
+def kvasir_pair(raw: Path, stem: str, size=(40, 32), mask_size=None, value=90) -> None:
     for sub in ("images", "masks"):
         (raw / sub).mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.full((size[1], size[0], 3), 90, np.uint8)).save(raw / "images" / f"{stem}.jpg")
+    Image.fromarray(np.full((size[1], size[0], 3), value, np.uint8)).save(raw / "images" / f"{stem}.jpg")
     w, h = mask_size or size
     mask = np.zeros((h, w, 3), np.uint8)
     mask[4:12, 4:12] = 255
@@ -101,32 +119,34 @@ def bad_layout(tmp_path: Path, kind: str) -> tuple[str, Path, list[str], str, st
 
 
 @pytest.mark.parametrize("kind", BAD)
-def test_fail_policy_names_the_file_and_problem_and_writes_no_store(tmp_path, kind):
+def test_fail_policy_names_the_file_and_problem_and_writes_no_store(tmp_path, kind, client):
     dataset, raw, _, bad_file, problem = bad_layout(tmp_path, kind)
     out = tmp_path / "out.zarr"
     with pytest.raises(IngestError) as err:
-        ingest(dataset, raw, out, FAIL)
+        ingest(dataset, raw, out, FAIL, client)
     assert str(err.value).startswith(str(raw / bad_file) + ":") and problem in str(err.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]  # no store, no temporary left over
 
 
 @pytest.mark.parametrize("kind", ["missing mask", "truncated png"])
-def test_fail_policy_leaves_a_previous_store_intact(tmp_path, kind):
+def test_fail_policy_leaves_a_previous_store_intact(tmp_path, kind, client):
     dataset, raw, good, bad_file, _ = bad_layout(tmp_path, kind)
     out = tmp_path / "out.zarr"
     (raw / bad_file).rename(tmp_path / "aside")
-    ingest(dataset, raw, out, FAIL)
+    ingest(dataset, raw, out, FAIL, client)
+    before = files_of(out)
     (tmp_path / "aside").rename(raw / bad_file)
     with pytest.raises(IngestError):
-        ingest(dataset, raw, out, FAIL)
-    assert CaseStore(out).case_ids() == good
+        ingest(dataset, raw, out, FAIL, client)
+    assert CaseStore(out).case_ids() == good and files_of(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.zarr", "raw"]  # no temporary left over
 
 
 @pytest.mark.parametrize("kind", BAD)
-def test_skip_policy_ingests_every_good_case_and_lists_the_bad_one(tmp_path, kind):
+def test_skip_policy_ingests_every_good_case_and_lists_the_bad_one(tmp_path, kind, client):
     dataset, raw, good, bad_file, problem = bad_layout(tmp_path, kind)
     out = tmp_path / "out.zarr"
-    report = ingest(dataset, raw, out, SKIP)
+    report = ingest(dataset, raw, out, SKIP, client)
     assert (report.found, report.ingested) == (len(good) + 1, len(good))
     assert [s["source"] for s in report.skipped] == [bad_file] and problem in report.skipped[0]["reason"]
     store = CaseStore(out)
@@ -134,26 +154,26 @@ def test_skip_policy_ingests_every_good_case_and_lists_the_bad_one(tmp_path, kin
     assert store.attrs["skipped"] == report.skipped and store.attrs["found"] == report.found
 
 
-def test_duplicate_case_ids_are_an_error_under_either_policy(tmp_path):
+def test_duplicate_case_ids_are_an_error_under_either_policy(tmp_path, client):
     xray(tmp_path, "test", "ID001", "same")
     xray(tmp_path, "test", "ID002", "same")
     with pytest.raises(IngestError, match=r"ID002/same\.png: duplicate case id 'same'"):
-        ingest("hand_xray", tmp_path, tmp_path / "out.zarr", FAIL)
-    report = ingest("hand_xray", tmp_path, tmp_path / "out.zarr", SKIP)
+        ingest("hand_xray", tmp_path, tmp_path / "out.zarr", FAIL, client)
+    report = ingest("hand_xray", tmp_path, tmp_path / "out.zarr", SKIP, client)
     assert (report.found, report.ingested, len(report.skipped)) == (2, 1, 1)
     assert CaseStore(tmp_path / "out.zarr").case_attrs("same")["group"] == "ID001"
 
 
-def test_a_dataset_with_no_good_case_is_an_error_even_when_skipping(tmp_path):
+def test_a_dataset_with_no_good_case_is_an_error_even_when_skipping(tmp_path, client):
     bad_missing_mask(tmp_path)
     with pytest.raises(IngestError, match="no case could be ingested"):
-        ingest("kvasir", tmp_path, tmp_path / "out.zarr", SKIP)
+        ingest("kvasir", tmp_path, tmp_path / "out.zarr", SKIP, client)
     assert not (tmp_path / "out.zarr").exists()
 
 
-def test_synthetic_hand_layout_writes_29_channel_masks_for_train_and_none_for_test(tmp_path):
+def test_synthetic_hand_layout_writes_29_channel_masks_for_train_and_none_for_test(tmp_path, client):
     good_hand(tmp_path)
-    ingest("hand_xray", tmp_path, tmp_path / "out.zarr", FAIL)
+    ingest("hand_xray", tmp_path, tmp_path / "out.zarr", FAIL, client)
     store = CaseStore(tmp_path / "out.zarr")
     assert store.classes[27:] == ["Radius", "Ulna"] and store.attrs["ingest"] == FAIL.model_dump()
     mask = store.array("g1", "mask")[:]
@@ -174,10 +194,10 @@ def link_first(src: Path, dst: Path, n: int) -> None:
 
 
 @needs_shared_data
-def test_real_kvasir_cases_land_in_the_store_with_their_provenance(tmp_path):
+def test_real_kvasir_cases_land_in_the_store_with_their_provenance(tmp_path, client):
     real = SHARED_DATA / "kvasir-seg"
     link_first(real, tmp_path / "raw", 40)
-    report = ingest("kvasir", tmp_path / "raw", tmp_path / "k.zarr", FAIL)
+    report = ingest("kvasir", tmp_path / "raw", tmp_path / "k.zarr", FAIL, client)
     assert (report.found, report.ingested, report.skipped) == (40, 40, [])
     store = CaseStore(tmp_path / "k.zarr")
     assert len(store.case_ids()) == 40 and store.attrs["classes"] == ["polyp"]
@@ -194,13 +214,13 @@ def test_real_kvasir_cases_land_in_the_store_with_their_provenance(tmp_path):
 
 
 @needs_shared_data
-def test_real_videos_of_both_usc_layouts_ingest_into_one_store(tmp_path):
+def test_real_videos_of_both_usc_layouts_ingest_into_one_store(tmp_path, client):
     raw = tmp_path / "raw"
     (raw / "F2" / "mri").mkdir(parents=True)
     (raw / "F2" / "mri" / "F2_400.avi").symlink_to(SHARED_DATA / "usc-timit/F2/mri/F2_400.avi")
     (raw / "sub001" / "2drt").mkdir(parents=True)
     (raw / "sub001" / "2drt" / "video").symlink_to(SHARED_DATA / "usc-75-speaker/sub001/2drt/video")
-    ingest("usc_timit", raw, tmp_path / "u.zarr", IngestConfig(video_chunk_frames=8))
+    ingest("usc_timit", raw, tmp_path / "u.zarr", IngestConfig(video_chunk_frames=8), client)
     store = CaseStore(tmp_path / "u.zarr")
     f2, sub = store.case_ids()
     assert store.array(f2, "image").shape == (69, 68, 68) and store.array(sub, "image").shape == (3216, 84, 84)
@@ -211,10 +231,10 @@ def test_real_videos_of_both_usc_layouts_ingest_into_one_store(tmp_path):
 
 
 @needs_shared_data
-def test_real_rsna_xray_ingests_unlabelled_at_2044_by_1514(tmp_path):
+def test_real_rsna_xray_ingests_unlabelled_at_2044_by_1514(tmp_path, client):
     (tmp_path / "raw" / "test" / "DCM" / "ID900").mkdir(parents=True)
     (tmp_path / "raw" / "test" / "DCM" / "ID900" / "1377.png").symlink_to(SHARED_DATA / "hand-xray-rsna" / "1377.png")
-    ingest("hand_xray", tmp_path / "raw", tmp_path / "h.zarr", FAIL)
+    ingest("hand_xray", tmp_path / "raw", tmp_path / "h.zarr", FAIL, client)
     store = CaseStore(tmp_path / "h.zarr")
     image = store.array("1377", "image")
     assert image.shape == (2044, 1514) and image.chunks == (512, 512) and not store.has("1377", "mask")
@@ -230,7 +250,8 @@ def test_stage_writes_the_store_and_the_report_json(tmp_path, capsys):
     report = json.loads((tmp_path / "r" / "ingest.json").read_text())
     assert report == IngestReport("kvasir", found=3, ingested=3).to_json()
     assert CaseStore(tmp_path / "k.zarr").case_ids() == ["a", "b", "c"]
-    assert "3 of 3 ingested" in capsys.readouterr().out
+    assert capsys.readouterr().out == (
+        f"ingest kvasir: 3 found: 3 ingested (0 changed), 0 unchanged, 0 skipped, 0 removed -> {tmp_path / 'k.zarr'}\n")
 
 
 def test_stage_cli_has_help_and_exits_1_with_one_clear_line_on_bad_input(tmp_path):
@@ -243,3 +264,212 @@ def test_stage_cli_has_help_and_exits_1_with_one_clear_line_on_bad_input(tmp_pat
     assert proc.returncode == 1
     assert f"error: {tmp_path / 'raw/images/bad.jpg'}: image without its mask" in proc.stderr
     assert not (tmp_path / "k.zarr").exists() and not (tmp_path / "r.json").exists()
+
+
+# --- incremental and idempotent reruns --------------------------------------------------------
+
+
+def files_of(store: Path) -> dict[str, tuple[int, int]]:
+    """Every file and folder of a store with its inode and mtime: equal only if none was rewritten."""
+    return {p.relative_to(store).as_posix(): (p.stat().st_ino, p.stat().st_mtime_ns)
+            for p in [store, *store.rglob("*")]}
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def kvasir_store(tmp_path, client):
+    """A raw layout of three Kvasir pairs and its ingested store."""
+    raw, out = tmp_path / "raw", tmp_path / "k.zarr"
+    good_kvasir(raw)
+    ingest("kvasir", raw, out, FAIL, client)
+    return raw, out
+
+
+def test_rerun_over_unchanged_raw_rewrites_nothing(kvasir_store, client):
+    raw, out = kvasir_store
+    before = files_of(out)
+    report = ingest("kvasir", raw, out, FAIL, client)
+    assert (report.found, report.ingested, report.unchanged) == (3, 0, 3)
+    assert (report.changed, report.removed, report.skipped, report.rebuilt) == ([], [], [], None)
+    assert files_of(out) == before
+    assert sorted(p.name for p in out.parent.iterdir()) == ["k.zarr", "raw"]
+
+
+def test_a_new_file_is_the_only_one_ingested_and_the_others_keep_their_files(kvasir_store, client):
+    raw, out = kvasir_store
+    before = files_of(out)
+    kvasir_pair(raw, "d")
+    report = ingest("kvasir", raw, out, FAIL, client)
+    assert (report.found, report.ingested, report.unchanged, report.changed) == (4, 1, 3, [])
+    store = CaseStore(out)
+    assert store.case_ids() == ["a", "b", "c", "d"] and store.attrs["found"] == 4
+    assert store.case_attrs("d")["sha256"] == sha(raw / "images/d.jpg")
+    after = files_of(out)
+    unchanged_files = [key for key in before if key.startswith(("a/", "b/", "c/")) and (out / key).is_file()]
+    assert unchanged_files and all(after[key] == before[key] for key in unchanged_files)  # hard links
+
+
+def test_a_changed_file_is_reingested_with_its_new_sha(kvasir_store, client):
+    raw, out = kvasir_store
+    old_sha = CaseStore(out).case_attrs("b")["sha256"]
+    (raw / "images/b.jpg").unlink()  # a new file, as a user (or DVC) replaces one
+    kvasir_pair(raw, "b", value=200)
+    report = ingest("kvasir", raw, out, FAIL, client)
+    assert (report.ingested, report.unchanged, report.changed) == (1, 2, ["b"])
+    store = CaseStore(out)
+    assert store.case_attrs("b")["sha256"] == sha(raw / "images/b.jpg") != old_sha
+    assert abs(int(store.array("b", "image")[:].mean()) - 200) <= 2
+    assert abs(int(store.array("a", "image")[:].mean()) - 90) <= 2
+
+
+def test_a_removed_file_removes_its_case(kvasir_store, client):
+    raw, out = kvasir_store
+    (raw / "images/c.jpg").unlink()
+    (raw / "masks/c.jpg").unlink()
+    report = ingest("kvasir", raw, out, FAIL, client)
+    assert (report.found, report.ingested, report.unchanged, report.removed) == (2, 0, 2, ["c"])
+    assert CaseStore(out).case_ids() == ["a", "b"] and not (out / "c").exists()
+
+
+def test_changed_chunk_params_reingest_every_case(kvasir_store, client):
+    raw, out = kvasir_store
+    report = ingest("kvasir", raw, out, IngestConfig(chunk=16), client)
+    assert (report.ingested, report.unchanged) == (3, 0) and "chunk" in report.rebuilt
+    assert CaseStore(out).array("a", "image").chunks == (16, 16, 3)
+
+
+def test_a_skipped_case_is_decoded_again_only_once_its_file_changes(tmp_path, client):
+    dataset, raw, good, bad_file, problem = bad_layout(tmp_path, "truncated jpeg")
+    out = tmp_path / "out.zarr"
+    first = ingest(dataset, raw, out, SKIP, client)
+    assert first.skipped[0]["case_id"] == "bad" and first.skipped[0]["sha256"][0] == sha(raw / bad_file)
+    before = files_of(out)
+    again = ingest(dataset, raw, out, SKIP, client)
+    assert again.skipped == first.skipped and (again.ingested, again.unchanged) == (0, 3)
+    assert files_of(out) == before
+    with pytest.raises(IngestError, match="corrupt or truncated image"):  # still bad under `fail`
+        ingest(dataset, raw, out, FAIL, client)
+    (raw / bad_file).unlink()
+    kvasir_pair(raw, "bad")
+    fixed = ingest(dataset, raw, out, SKIP, client)
+    assert (fixed.ingested, fixed.unchanged, fixed.skipped, fixed.changed) == (1, 3, [], [])
+    assert CaseStore(out).case_ids() == sorted(good + ["bad"]) and CaseStore(out).attrs["skipped"] == []
+
+
+def test_a_killed_ingest_leaves_the_previous_store_readable_and_complete(kvasir_store, tmp_path):
+    raw, out = kvasir_store
+    before, image_a = files_of(out), CaseStore(out).array("a", "image")[:]
+    noise = np.random.default_rng(0).integers(0, 255, (384, 384, 3), dtype=np.uint8)
+    for i in range(60):  # slow enough, one case at a time on one worker, to be killed midway
+        kvasir_pair(raw, f"n{i:02d}", size=(384, 384))
+        Image.fromarray(noise).save(raw / "images" / f"n{i:02d}.jpg")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["dask"] = {"scheduler": None, "n_workers": 1, "threads_per_worker": 1}
+    params["ingest"]["max_in_flight"] = 1
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tasks.ingest", "--dataset", "kvasir", "--raw", str(raw), "--out", str(out),
+         "--report", str(tmp_path / "r.json"), "--params", str(tmp_path / "params.yaml")],
+        cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(tmp_path.glob(".k.zarr.*.tmp/n*/image/zarr.json")) and proc.poll() is None:
+            assert time.monotonic() < deadline, "ingest never started writing"
+            time.sleep(0.005)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the stage and its Dask workers, as a killed job would be
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "ingest finished before it could be killed"
+    assert files_of(out) == before
+    store = CaseStore(out)
+    assert store.case_ids() == ["a", "b", "c"] and store.attrs["found"] == 3
+    np.testing.assert_array_equal(store.array("a", "image")[:], image_a)
+
+
+def test_dvc_repro_updates_the_persisted_store_in_place_of_rebuilding_it(tmp_path):
+    """Under DVC the store is a persisted output whose files may be hard links into the cache."""
+    repo = make_repo(tmp_path / "repo")
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["datasets"]["kvasir"]["raw"] = "raw_kvasir"  # a plain folder, outside any stage
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    good_kvasir(repo / "raw_kvasir")
+    dvc(repo, "repro", "ingest@kvasir")
+    kvasir_pair(repo / "raw_kvasir", "d")
+    assert ran_stages(dvc(repo, "repro", "ingest@kvasir").stdout) == {"ingest@kvasir"}
+    report = json.loads((repo / "reports/kvasir/ingest.json").read_text())
+    assert (report["found"], report["ingested"], report["unchanged"]) == (4, 1, 3)
+    assert CaseStore(repo / "data/interim/kvasir.zarr").case_ids() == ["a", "b", "c", "d"]
+    assert "up to date" in dvc(repo, "status", "ingest@kvasir").stdout  # a further repro does nothing
+
+
+# --- Dask: any scheduler, bounded work in flight ----------------------------------------------
+
+
+class UnfinishedTasks(SchedulerPlugin):
+    """The peak number of tasks the scheduler held unfinished (waiting, queued or running): each
+    may hold a decoded case; a finished one holds only its small outcome until released."""
+
+    UNFINISHED = ("waiting", "queued", "processing", "no-worker")
+
+    def __init__(self):
+        self.unfinished: set = set()
+        self.peak = 0
+        self.kinds: set = set()  # what ran: task names without their unique suffix
+
+    def transition(self, key, start, finish, *args, **kwargs):
+        self.kinds.add(key_split(key))
+        if finish in self.UNFINISHED:
+            self.unfinished.add(key)
+        else:
+            self.unfinished.discard(key)
+        self.peak = max(self.peak, len(self.unfinished))
+
+
+def test_ingest_through_a_scheduler_address_keeps_at_most_max_in_flight_cases(tmp_path):
+    raw = tmp_path / "raw"
+    for i in range(8):
+        kvasir_pair(raw, f"c{i}")
+    tasks = UnfinishedTasks()
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+        cluster.scheduler.add_plugin(tasks)
+        with dask_client(DaskConfig(scheduler=cluster.scheduler_address)) as client:
+            report = ingest("kvasir", raw, tmp_path / "k.zarr", IngestConfig(max_in_flight=2), client)
+    assert (report.found, report.ingested) == (8, 8)
+    assert len(CaseStore(tmp_path / "k.zarr").case_ids()) == 8
+    assert 1 <= tasks.peak <= 2
+
+
+def test_stage_runs_on_the_scheduler_named_in_params(tmp_path, capsys):
+    good_kvasir(tmp_path / "raw")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    tasks = UnfinishedTasks()
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster:
+        cluster.scheduler.add_plugin(tasks)
+        params["dask"]["scheduler"] = cluster.scheduler_address
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+        args = ["--dataset", "kvasir", "--raw", str(tmp_path / "raw"), "--out", str(tmp_path / "k.zarr"),
+                "--report", str(tmp_path / "r.json"), "--params", str(tmp_path / "params.yaml")]
+        stage.main(stage.build_parser().parse_args(args))
+        stage.main(stage.build_parser().parse_args(args))
+    assert {"ingest_case", "hash_cases"} <= tasks.kinds  # the first run decoded, the second hashed
+    assert json.loads((tmp_path / "r.json").read_text())["unchanged"] == 3
+    assert "0 ingested (0 changed), 3 unchanged" in capsys.readouterr().out.splitlines()[-1]
+
+
+def slow_square(x: int, delay: float) -> int:
+    time.sleep(delay)
+    return x * x
+
+
+def test_map_bounded_keeps_at_most_limit_items_unfinished_and_returns_every_result(client):
+    tasks = UnfinishedTasks()
+    client.cluster.scheduler.add_plugin(tasks, name="unfinished")
+    try:
+        results = list(map_bounded(client, slow_square, range(12), 3, delay=0.05))
+    finally:
+        client.cluster.scheduler.remove_plugin("unfinished")
+    assert sorted(results) == [i * i for i in range(12)]
+    assert tasks.peak == 3 and tasks.kinds == {"slow_square"}

@@ -1,0 +1,95 @@
+"""Ingest throughput against a decode-only baseline, both measured in this run on one Dask cluster.
+
+    python -m benchmarks.ingest [--kvasir ../shared/data/kvasir-seg] [--hand-patients 3] [--repeats 2]
+                                (from the repo root)
+
+Prints one JSON line. For each dataset (the real Kvasir pairs; synthetic 2048x2048 hand X-rays
+with 29-channel masks written by segpipe/datasets/demo_hand.py into a temporary folder):
+    decode   the dataset's reader decodes every case on the cluster (same workers, same bound on
+             cases in flight) and the arrays are dropped: reading and decoding, nothing written
+    ingest   segpipe.ingest.ingest into a fresh store: hash, decode, and write every case
+    rerun    ingest again over the unchanged files (hashing only; the store is left untouched)
+Rates are images/s and MB/s of raw files read; ratio = ingest rate / decode rate (goal >= 0.8).
+Each figure is the best of --repeats runs, the decode and ingest runs alternating, so that load
+from other processes on a shared machine distorts the ratio less.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+from distributed import Client
+
+from segpipe.config import HandXrayDemo, IngestConfig, load_params
+from segpipe.datasets import RawCase, demo_hand, reader
+from segpipe.ingest import in_flight_limit, ingest, map_bounded
+from segpipe.parallel import dask_client
+
+ROOT = Path(__file__).resolve().parents[1]
+GOAL = 0.8
+
+
+def decode_only(case: RawCase, dataset: str) -> None:
+    """The baseline's work for one case: what ingest does minus hashing and writing."""
+    reader(dataset).load_case(case)
+
+
+def measure(client: Client, dataset: str, raw: Path, cfg: IngestConfig, repeats: int, work: Path) -> dict:
+    cases = reader(dataset).scan(raw).strict()
+    megabytes = sum(path.stat().st_size for case in cases for path in case.files()) / 1e6
+    limit = in_flight_limit(cfg, client)
+    best = {"decode": float("inf"), "ingest": float("inf"), "rerun": float("inf")}
+    for run in range(repeats):
+        start = time.perf_counter()
+        for _ in map_bounded(client, decode_only, cases, limit, dataset=dataset):
+            pass
+        best["decode"] = min(best["decode"], time.perf_counter() - start)
+        out = work / f"{dataset}-{run}.zarr"
+        start = time.perf_counter()
+        report = ingest(dataset, raw, out, cfg, client)
+        best["ingest"] = min(best["ingest"], time.perf_counter() - start)
+        assert report.ingested == len(cases), report.summary()
+        start = time.perf_counter()
+        report = ingest(dataset, raw, out, cfg, client)
+        best["rerun"] = min(best["rerun"], time.perf_counter() - start)
+        assert report.unchanged == len(cases), report.summary()
+    result = {"images": len(cases), "MB": round(megabytes, 1)}
+    for name, seconds in best.items():
+        result[f"{name}_s"] = round(seconds, 3)
+        result[f"{name}_images_per_s"] = round(len(cases) / seconds, 2)
+        result[f"{name}_MB_per_s"] = round(megabytes / seconds, 2)
+    result["ratio"] = round(best["decode"] / best["ingest"], 3)
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--kvasir", type=Path, default=ROOT.parent / "shared" / "data" / "kvasir-seg")
+    p.add_argument("--hand-patients", type=int, default=3, help="two hands each, 2048x2048 (at least 2)")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--params", type=Path, default=ROOT / "params.yaml", help="its dask and ingest sections")
+    args = p.parse_args()
+    params = load_params(args.params)
+    with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp, dask_client(params.dask) as client:
+        work = Path(tmp)
+        demo_hand.write(work, HandXrayDemo(n_patients=args.hand_patients, n_test_patients=0, size=2048), seed=0)
+        results = {
+            "benchmark": "ingest",
+            "workers": len(client.nthreads()),
+            "threads": sum(client.nthreads().values()),
+            "max_in_flight": in_flight_limit(params.ingest, client),
+            "goal_ratio": GOAL,
+            "kvasir": measure(client, "kvasir", args.kvasir, params.ingest, args.repeats, work),
+            "hand_xray": measure(client, "hand_xray", work / "hand_xray", params.ingest, args.repeats, work),
+            # The client only submits and collects small outcomes; decoded cases live on the workers.
+            "client_peak_rss_MB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        }
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
