@@ -23,11 +23,29 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _replace_dir(tmp, target)
+
+
+@contextmanager
+def resumable_dir(target: Path, resume: bool) -> Iterator[Path]:
+    """Like atomic_dir, but the work directory has a fixed name, `.<name>.partial.tmp` beside `target`
+    (ignored by git as *.tmp), and outlives a failure or a kill, so a rerun with resume=True carries
+    on with what it holds; resume=False starts it empty."""
+    target = Path(target)
+    work = target.with_name(f".{target.name}.partial.tmp")
+    if not resume:
+        shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
+    yield work
+    _replace_dir(work, target)
+
+
+def _replace_dir(src: Path, target: Path) -> None:
     old = target.with_name(f".{target.name}.old")
     if target.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(target, old)
-    os.replace(tmp, target)
+    os.replace(src, target)
     shutil.rmtree(old, ignore_errors=True)
 
 

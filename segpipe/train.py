@@ -1,25 +1,46 @@
-"""The training loop: seeded, early-stopped on validation Dice, checkpointed."""
+"""The training loop: seeded, early-stopped on validation Dice, top-k checkpointed, resumable.
+
+Files in the output directory:
+    top/epochNNN.pt  the k best epochs by validation Dice ({"state_dict", "meta"})
+    best.pt          a copy of the best of them, written when training ends
+    last.pt          the latest epoch, plus everything a resumed run needs under "resume": optimizer,
+                     scheduler, AMP scaler, every RNG, the top-k ranking and the early-stopping state
+"""
 from __future__ import annotations
 
 import logging
+import os
 import random
+import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import torch
+from monai.inferers import sliding_window_inference
 from torch import nn
 
 from segpipe import losses, models
 from segpipe.config import TrainConfig
-from segpipe.metrics import mean_dice
+from segpipe.data import TrainingSet
+from segpipe.errors import ConfigError
+from segpipe.metrics import confusion, scores
 
 log = logging.getLogger(__name__)
+
+OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+SCHEDULES = {
+    "cosine": lambda opt, cfg: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs),
+    "poly": lambda opt, cfg: torch.optim.lr_scheduler.PolynomialLR(opt, total_iters=cfg.epochs, power=cfg.poly_power),
+}
 
 
 class MetricLogger(Protocol):
     """What the loop needs from a tracker (DVCLive's `Live` fits)."""
+
+    step: int  # set by a resumed run to the epoch it continues with
 
     def log_metric(self, name: str, val: float) -> None: ...
     def next_step(self) -> None: ...
@@ -31,6 +52,7 @@ class FitResult:
     best_dice: float
     epochs_run: int
     stopped_early: bool
+    resumed_from: int | None = None  # the last finished epoch a resumed run started after
 
 
 def next_batches(n: int, batch_size: int, steps: int, generator: torch.Generator):
@@ -45,102 +67,226 @@ def next_batches(n: int, batch_size: int, steps: int, generator: torch.Generator
         pending = pending[batch_size:]
 
 
-def random_hflip(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mirror half of the samples left-right, image and every mask channel alike."""
-    flip = torch.rand(len(x), generator=generator) < 0.5
-    x, y = x.clone(), y.clone()
-    x[flip], y[flip] = x[flip].flip(-1), y[flip].flip(-1)
-    return x, y
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+    # cuBLAS is deterministic only with a fixed workspace (read when CUDA starts; harmless on CPU).
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.benchmark = False
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
+def rng_state(generator: torch.Generator) -> dict[str, Any]:
+    """Every RNG a run draws from, in types `torch.load(weights_only=True)` reads back."""
+    kind, key, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(), "loop": generator.get_state(), "python": random.getstate(),
+        "numpy": (kind, key.tolist(), pos, has_gauss, gauss),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["loop"])
+    random.setstate(state["python"])
+    kind, key, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.array(key, dtype=np.uint32), pos, has_gauss, gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(obj: Any, path: Path) -> None:
+    """torch.save through a temporary file: a kill never leaves a half-written checkpoint."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(path: Path, model: nn.Module, meta: dict[str, Any], **extra: Any) -> None:
+    save({"state_dict": model.state_dict(), "meta": meta, **extra}, path)
+
+
+class TopK:
+    """The k best epochs by validation Dice as top/epochNNN.pt; ties keep the earlier epoch."""
+
+    def __init__(self, out_dir: Path, k: int, ranking: list[tuple[float, int]] | None = None):
+        self.dir, self.k = out_dir / "top", k
+        self.dir.mkdir(exist_ok=True)
+        self.ranking = [tuple(r) for r in ranking or []]  # (dice, epoch), best first
+        self.evicted: list[int] = []
+        # Files of an epoch whose run was killed before last.pt recorded it are not part of the ranking.
+        kept = {self.path(e).name for _, e in self.ranking}
+        for f in self.dir.iterdir():
+            if f.name not in kept:
+                f.unlink()
+
+    def path(self, epoch: int) -> Path:
+        return self.dir / f"epoch{epoch:03d}.pt"
+
+    @property
+    def best(self) -> tuple[float, int]:
+        return self.ranking[0] if self.ranking else (-1.0, -1)
+
+    def offer(self, epoch: int, dice: float, model: nn.Module, meta: dict[str, Any]) -> None:
+        ranking = sorted(self.ranking + [(dice, epoch)], key=lambda r: (-r[0], r[1]))
+        self.ranking, dropped = ranking[: self.k], ranking[self.k :]
+        if (dice, epoch) in self.ranking:
+            save_checkpoint(self.path(epoch), model, meta)
+        self.evicted += [e for _, e in dropped if e != epoch]
+
+    def prune(self) -> None:
+        """Delete evicted epochs; called once last.pt recorded the new ranking."""
+        for epoch in self.evicted:
+            self.path(epoch).unlink(missing_ok=True)
+        self.evicted = []
+
+
 @torch.no_grad()
-def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
+def predict_logits(model: nn.Module, x: torch.Tensor, roi: tuple[int, int], batch_size: int, amp: bool) -> torch.Tensor:
+    """Logits of a batch: one forward pass at the model's size, MONAI's sliding window when larger."""
+    with torch.autocast(device_type=x.device.type, enabled=amp):
+        if tuple(x.shape[-2:]) == tuple(roi):
+            return model(x).float()
+        return sliding_window_inference(x, roi, batch_size, model, overlap=0.25, mode="gaussian").float()
+
+
+def validate(
+    model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], roi: tuple[int, int],
+    batch_size: int, device: torch.device, amp: bool,
+) -> float:
+    """Mean Dice over validation samples and classes, as metrics.mean_dice counts it."""
     model.eval()
-    return torch.cat([model(x[i : i + batch_size].to(device)).cpu() for i in range(0, len(x), batch_size)])
+    dice = [
+        scores(confusion((predict_logits(model, x.to(device), roi, batch_size, amp) > 0).cpu().numpy(), y.numpy()))["dice"]
+        for x, y in batches
+    ]
+    return float(np.concatenate(dice).mean())
 
 
-def save_checkpoint(path: Path, model: nn.Module, meta: dict[str, Any]) -> None:
-    torch.save({"state_dict": model.state_dict(), "meta": meta}, path)
+def train_step(
+    model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+    batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None], device: torch.device, amp: bool,
+) -> float:
+    x, y, w = (t.to(device) if t is not None else None for t in batch)
+    optimizer.zero_grad(set_to_none=True)
+    with torch.autocast(device_type=device.type, enabled=amp):
+        logits = model(x)
+    # The loss in float32: sums over many pixels lose too much in float16.
+    loss = loss_fn(logits.float(), y, w) if w is not None else loss_fn(logits.float(), y)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss.item()
+
+
+def resume_state(out_dir: Path, cfg: TrainConfig, meta: dict[str, Any]) -> dict[str, Any]:
+    """The state last.pt holds for resuming, after checking it was written with the same settings."""
+    path = out_dir / "last.pt"
+    if not path.exists():
+        raise ConfigError(f"{path}: nothing to resume (no checkpoint yet); run without resume")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    state = ckpt["resume"]
+    saved = {**state["config"], **{f"meta.{k}": v for k, v in state["meta"].items()}}
+    now = {**cfg.model_dump(mode="json"), **{f"meta.{k}": v for k, v in meta.items()}}
+    changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
+    if changed:
+        raise ConfigError(f"{path}: cannot resume, trained with different settings: {', '.join(changed)}")
+    return {**state, "state_dict": ckpt["state_dict"]}
 
 
 def fit(
     model: nn.Module,
-    train: tuple[torch.Tensor, torch.Tensor],
-    val: tuple[torch.Tensor, torch.Tensor],
+    train: TrainingSet,
+    val: list[tuple[torch.Tensor, torch.Tensor]],
     cfg: TrainConfig,
     out_dir: Path,
     device: torch.device,
     meta: dict[str, Any],
     tracker: MetricLogger | None = None,
+    resume: bool = False,
+    progress: Callable[[int, int], None] | None = None,
 ) -> FitResult:
-    """Train `model` on (x, y) tensors, keep the epoch with the best validation Dice.
+    """Train `model` on `train`, keep the k epochs with the best validation Dice (see module doc).
 
-    Writes best.pt and last.pt ({"state_dict", "meta"}) and train_state.pt (optimizer,
-    scheduler, epoch, early-stopping state) into out_dir.
+    resume: continue the run whose last.pt lies in out_dir; on CPU the result is bitwise the one
+    an uninterrupted run gives. `progress(done_steps, total_steps)` is called after every step.
     """
     seed_everything(cfg.seed)
     model.to(device)
-    loss_fn = losses.build(cfg.loss)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
-    shuffle = torch.Generator().manual_seed(cfg.seed)
-    x_train, y_train = train
-    best_dice, best_epoch, epoch = -1.0, -1, -1
+    amp = cfg.amp and device.type == "cuda"
+    loss_fn = losses.build(cfg.loss, cfg.loss_options)
+    weight_map = loss_fn.weight_map if getattr(loss_fn, "needs_weight_map", False) else None
+    optimizer = OPTIMIZERS[cfg.optimizer](model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = SCHEDULES[cfg.schedule](optimizer, cfg)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    roi = tuple(meta["image_size"])
+    start, stopped, ranking = 0, False, None
+    if resume:
+        state = resume_state(out_dir, cfg, meta)
+        model.load_state_dict(state["state_dict"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"], generator)
+        start, stopped, ranking = state["epoch"] + 1, state["stopped"], state["top"]
+        log.info("resuming after epoch %d", state["epoch"])
+        if tracker is not None:
+            tracker.step = start
+    top = TopK(out_dir, cfg.top_k, ranking)
+    total_steps, epoch = cfg.epochs * cfg.steps_per_epoch, start - 1
 
-    for epoch in range(cfg.epochs):
+    for epoch in range(start, cfg.epochs if not stopped else start):
         model.train()
         total = 0.0
-        for idx in next_batches(len(x_train), cfg.batch_size, cfg.steps_per_epoch, shuffle):
-            x, y = x_train[idx], y_train[idx]
-            if cfg.hflip:
-                x, y = random_hflip(x, y, shuffle)
-            optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(x.to(device)), y.to(device))
-            loss.backward()
-            optimizer.step()
-            total += loss.item()
+        for step, idx in enumerate(next_batches(len(train), cfg.batch_size, cfg.steps_per_epoch, generator)):
+            batch = train.batch(idx, generator, weight_map)
+            total += train_step(model, loss_fn, optimizer, scaler, batch, device, amp)
+            if progress is not None:
+                progress(epoch * cfg.steps_per_epoch + step + 1, total_steps)
+        lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
 
-        val_pred = predict_logits(model, val[0], cfg.batch_size, device) > 0
-        val_dice = mean_dice(val_pred.numpy(), val[1].numpy())
+        val_dice = validate(model, val, roi, cfg.batch_size, device, amp)
         train_loss = total / cfg.steps_per_epoch
-        log.info("epoch %d: train loss %.4f, val dice %.4f", epoch, train_loss, val_dice)
+        log.info("epoch %d: train loss %.4f, val dice %.4f, lr %.3g", epoch, train_loss, val_dice, lr)
         if tracker is not None:
-            tracker.log_metric("train/loss", train_loss)
-            tracker.log_metric("val/dice", val_dice)
+            for name, value in (("train/loss", train_loss), ("val/dice", val_dice), ("train/lr", lr)):
+                tracker.log_metric(name, value)
             tracker.next_step()
 
-        if val_dice > best_dice:
-            best_dice, best_epoch = val_dice, epoch
-            save_checkpoint(out_dir / "best.pt", model, {**meta, "epoch": epoch, "val_dice": val_dice})
-        save_checkpoint(out_dir / "last.pt", model, {**meta, "epoch": epoch, "val_dice": val_dice})
-        torch.save(
-            {
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "epoch": epoch,
-                "best_dice": best_dice,
-                "best_epoch": best_epoch,
-            },
-            out_dir / "train_state.pt",
-        )
-        if epoch - best_epoch >= cfg.patience:
-            log.info("early stop at epoch %d: no better val dice since epoch %d", epoch, best_epoch)
-            return FitResult(best_epoch, best_dice, epoch + 1, stopped_early=True)
-    return FitResult(best_epoch, best_dice, epoch + 1, stopped_early=False)
+        epoch_meta = {**meta, "epoch": epoch, "val_dice": val_dice}
+        top.offer(epoch, val_dice, model, epoch_meta)
+        stopped = epoch - top.best[1] >= cfg.patience
+        save_checkpoint(out_dir / "last.pt", model, epoch_meta, resume={
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+            "rng": rng_state(generator), "epoch": epoch, "stopped": stopped, "top": top.ranking,
+            "config": cfg.model_dump(mode="json"), "meta": meta,
+        })
+        top.prune()
+        if stopped:
+            log.info("early stop at epoch %d: no better val dice since epoch %d", epoch, top.best[1])
+            break
+
+    best_dice, best_epoch = top.best
+    tmp = out_dir / ".best.pt.tmp"
+    shutil.copyfile(top.path(best_epoch), tmp)
+    os.replace(tmp, out_dir / "best.pt")
+    return FitResult(best_epoch, best_dice, epoch + 1, stopped, start - 1 if resume else None)
 
 
-def new_model(meta: dict[str, Any], seed: int) -> nn.Module:
-    """The network `meta` describes, its initial weights fixed by the seed."""
+def new_model(meta: dict[str, Any], seed: int, encoder_weights: Path | None = None) -> nn.Module:
+    """The network `meta` describes, its initial weights fixed by the seed (and encoder_weights, if any)."""
     seed_everything(seed)
-    return models.build(meta["arch"], meta["in_channels"], len(meta["classes"]), tuple(meta["channels"]))
+    extra = {"encoder": meta["encoder"]} if "encoder" in meta else {}
+    return models.build(
+        meta["arch"], meta["in_channels"], len(meta["classes"]), tuple(meta["channels"]),
+        encoder_weights=encoder_weights, **extra,
+    )
 
 
 def load_model(path: Path, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:

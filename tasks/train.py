@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from dvclive import Live
+from tqdm import tqdm
 
-from segpipe.atomic import atomic_dir
-from segpipe.data import load_samples
+from segpipe import augment, models
+from segpipe.atomic import resumable_dir
+from segpipe.data import training_set, validation_batches
 from segpipe.device import resolve_device
 from segpipe.splits import read_split
 from segpipe.store import CaseStore
@@ -19,32 +22,56 @@ def build_parser() -> argparse.ArgumentParser:
     p = common.dataset_parser(__doc__, "images", "labels", "split", member=True)
     p.add_argument("--out", type=Path, help="default: models/<dataset>/<arch>/fold<k>")
     p.add_argument("--metrics", type=Path, help="DVCLive folder; default: reports/<dataset>/train/<arch>-fold<k>")
+    p.add_argument(
+        "--resume", action="store_true",
+        help="continue a killed run with the same settings from its last finished epoch; an unfinished run "
+        "lives in .<out name>.partial.tmp beside --out until it completes",
+    )
     return p
+
+
+def progress_bar(desc: str) -> tqdm:
+    """A per-step bar on a terminal; nothing in logs (DVC, Prefect, CI)."""
+    return tqdm(desc=desc, unit="step", disable=not sys.stderr.isatty())
 
 
 def main(ns: argparse.Namespace) -> None:
     params = common.params_of(ns)
     data_cfg, cfg = params.dataset(ns.dataset), params.train.for_dataset(ns.dataset)
+    models.check_input_size(ns.arch, cfg.channels, data_cfg.image_size)
     images = CaseStore(ns.images or common.store_path(ns.dataset))
     labels = CaseStore(ns.labels or common.labels_path(ns.dataset))
     fold = read_split(ns.split or common.SPLITS / f"{ns.dataset}.json").fold(ns.fold)
-    size, in_channels = data_cfg.image_size, data_cfg.in_channels
-    train = load_samples(images, labels, fold.train, size, in_channels)
-    val = load_samples(images, labels, fold.val, size, in_channels)
+    aug = augment.build(params.augment.for_dataset(ns.dataset))
+    train = training_set(images, labels, fold.train, data_cfg, cfg.foreground_fraction, aug)
+    val = validation_batches(images, labels, fold.val, data_cfg, cfg.batch_size)
 
     meta = {
         "arch": ns.arch, "dataset": ns.dataset, "fold": ns.fold, "classes": labels.classes,
-        "in_channels": in_channels, "image_size": list(size), "channels": list(cfg.channels),
+        "in_channels": data_cfg.in_channels, "image_size": list(data_cfg.image_size), "channels": list(cfg.channels),
+        "encoder": cfg.encoder, "tile_scale": data_cfg.tile_scale,
     }
-    model = new_model(meta, cfg.seed)
+    model = new_model(meta, cfg.seed, cfg.encoder_weights)
     metrics_dir = ns.metrics or common.REPORTS / ns.dataset / "train" / f"{ns.arch}-fold{ns.fold}"
     out = ns.out or common.model_dir(ns.dataset, ns.arch, ns.fold)
-    with atomic_dir(out) as tmp, Live(str(metrics_dir), save_dvc_exp=False, dvcyaml=None) as live:
-        result = fit(model, train, val, cfg, tmp, resolve_device(params.device), meta, tracker=live)
+    with (
+        resumable_dir(out, ns.resume) as work,
+        Live(str(metrics_dir), save_dvc_exp=False, dvcyaml=None, resume=ns.resume) as live,
+        progress_bar(f"train {ns.dataset}/{ns.arch}/fold{ns.fold}") as bar,
+    ):
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        result = fit(
+            model, train, val, cfg, work, resolve_device(params.device), meta,
+            tracker=live, resume=ns.resume, progress=progress,
+        )
         live.summary.update({"best_epoch": result.best_epoch, "best_val_dice": result.best_dice})
+    resumed = f", resumed after epoch {result.resumed_from}" if result.resumed_from is not None else ""
     print(
-        f"train {ns.dataset}/{ns.arch}/fold{ns.fold}: {len(train[0])} train, {len(val[0])} val frames; "
-        f"best val dice {result.best_dice:.4f} at epoch {result.best_epoch} of {result.epochs_run} -> {out}"
+        f"train {ns.dataset}/{ns.arch}/fold{ns.fold}: {len(train)} train samples, augment {aug is not None}; "
+        f"best val dice {result.best_dice:.4f} at epoch {result.best_epoch} of {result.epochs_run}{resumed} -> {out}"
     )
 
 

@@ -1,40 +1,109 @@
-import torch
+import json
+import logging
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
-from segpipe.config import TrainConfig
-from segpipe.data import load_samples
-from segpipe.train import fit, load_model, new_model
+import numpy as np
+import pytest
+import torch
+import yaml
+import zarr
+from zarr.storage import LocalStore, LoggingStore
+
+from segpipe.config import DatasetConfig, TrainConfig
+from segpipe.data import TileCrops, TrainingSet, training_set, validation_batches
+from segpipe.preprocess import frames_to_input, masks_to_target
+from segpipe.splits import make_split
+from segpipe.store import CaseStore
+from segpipe.train import fit, load_model, new_model, next_batches
+from tests.conftest import ROOT
 
 CFG = TrainConfig(
     archs=("unet",), folds=(0,), epochs=25, steps_per_epoch=2, batch_size=4, lr=0.01, patience=25, channels=(8, 16, 32), seed=0
 )
 META = {"arch": "unet", "classes": ["disc"], "in_channels": 1, "image_size": [32, 32], "channels": [8, 16, 32]}
+DISCS = DatasetConfig(raw="unused", in_channels=1, image_size=(32, 32))
+CPU = torch.device("cpu")
 
 
-def _data(disc_stores):
+class Recorder:
+    """A metric logger that keeps what the loop logs, per step."""
+
+    def __init__(self):
+        self.step, self.rows = 0, []
+
+    def log_metric(self, name, val):
+        if len(self.rows) <= self.step:
+            self.rows.append({})
+        self.rows[self.step][name] = val
+
+    def next_step(self):
+        self.step += 1
+
+
+def _out(tmp_path: Path) -> Path:
+    out = tmp_path / "model"
+    out.mkdir()
+    return out
+
+
+def _data(disc_stores, data=DISCS):
     images, labels = disc_stores
     cases = images.case_ids()
-    return load_samples(images, labels, cases[:8], (32, 32), 1), load_samples(images, labels, cases[8:], (32, 32), 1)
+    return training_set(images, labels, cases[:8], data, 0.33), validation_batches(images, labels, cases[8:], data, 4)
 
 
 def test_training_learns_discs_and_best_checkpoint_holds_the_best_epoch(disc_stores, tmp_path):
     train, val = _data(disc_stores)
-    assert train[0].shape == (8, 1, 32, 32) and train[1].shape == (8, 1, 32, 32)
-    out = tmp_path / "model"
-    out.mkdir()
-    result = fit(new_model(META, 0), train, val, CFG, out, torch.device("cpu"), META)
+    x, y, w = train.batch(torch.arange(8), torch.Generator())
+    assert x.shape == (8, 1, 32, 32) and y.shape == (8, 1, 32, 32) and w is None
+    out = _out(tmp_path)
+    result = fit(new_model(META, 0), train, val, CFG, out, CPU, META)
     assert result.best_dice > 0.8
-    best, meta = load_model(out / "best.pt", torch.device("cpu"))
+    best, meta = load_model(out / "best.pt", CPU)
     assert meta["epoch"] == result.best_epoch and meta["val_dice"] == result.best_dice
-    assert {p.name for p in out.iterdir()} == {"best.pt", "last.pt", "train_state.pt"}
+    assert {p.name for p in out.iterdir()} == {"best.pt", "last.pt", "top"}
 
 
 def test_early_stopping_stops_patience_epochs_after_the_best(disc_stores, tmp_path):
     train, val = _data(disc_stores)
     cfg = CFG.model_copy(update={"epochs": 40, "patience": 2, "lr": 0.05})
-    result = fit(new_model(META, 0), train, val, cfg, tmp_path, torch.device("cpu"), META)
+    out = _out(tmp_path)
+    result = fit(new_model(META, 0), train, val, cfg, out, CPU, META)
     assert result.stopped_early
     assert result.epochs_run == result.best_epoch + cfg.patience + 1
-    assert torch.load(tmp_path / "train_state.pt")["best_epoch"] == result.best_epoch
+    assert torch.load(out / "best.pt")["meta"]["epoch"] == result.best_epoch
+
+
+def test_top_k_keeps_exactly_the_k_best_epochs(disc_stores, tmp_path):
+    train, val = _data(disc_stores)
+    cfg = CFG.model_copy(update={"epochs": 8, "top_k": 3})
+    tracker, out = Recorder(), _out(tmp_path)
+    fit(new_model(META, 0), train, val, cfg, out, CPU, META, tracker=tracker)
+    dice = [row["val/dice"] for row in tracker.rows]
+    best3 = sorted(range(len(dice)), key=lambda e: (-dice[e], e))[:3]
+    assert sorted(p.name for p in (out / "top").iterdir()) == sorted(f"epoch{e:03d}.pt" for e in best3)
+    for e in best3:
+        assert torch.load(out / "top" / f"epoch{e:03d}.pt")["meta"]["val_dice"] == dice[e]
+    assert torch.load(out / "best.pt")["meta"]["epoch"] == best3[0]
+
+
+@pytest.mark.parametrize("schedule", ["poly", "cosine"])
+def test_schedules_give_the_expected_learning_rate_per_epoch(disc_stores, tmp_path, schedule):
+    train, val = _data(disc_stores)
+    cfg = CFG.model_copy(update={"epochs": 5, "steps_per_epoch": 1, "schedule": schedule, "poly_power": 0.9})
+    tracker = Recorder()
+    fit(new_model(META, 0), train, val, cfg, _out(tmp_path), CPU, META, tracker=tracker)
+    expected = {
+        "poly": lambda e: cfg.lr * (1 - e / cfg.epochs) ** cfg.poly_power,
+        "cosine": lambda e: cfg.lr * (1 + math.cos(math.pi * e / cfg.epochs)) / 2,
+    }[schedule]
+    assert [row["train/lr"] for row in tracker.rows] == pytest.approx([expected(e) for e in range(5)], rel=1e-6)
 
 
 def test_same_seed_gives_bitwise_identical_weights_on_cpu(disc_stores, tmp_path):
@@ -44,25 +113,157 @@ def test_same_seed_gives_bitwise_identical_weights_on_cpu(disc_stores, tmp_path)
     for run in ("a", "b"):
         (tmp_path / run).mkdir()
         torch.rand(ord(run))  # different global RNG state before each run must not matter
-        fit(new_model(META, cfg.seed), train, val, cfg, tmp_path / run, torch.device("cpu"), META)
+        fit(new_model(META, cfg.seed), train, val, cfg, tmp_path / run, CPU, META)
         weights.append(torch.load(tmp_path / run / "last.pt")["state_dict"])
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
 def test_batches_visit_every_sample_equally_often_across_steps():
-    from segpipe.train import next_batches
-
     seen = torch.cat(list(next_batches(10, 4, steps=5, generator=torch.Generator().manual_seed(0))))
     assert len(seen) == 20 and torch.bincount(seen, minlength=10).tolist() == [2] * 10
 
 
-def test_hflip_mirrors_image_and_every_mask_channel_together():
-    from segpipe.train import random_hflip
+# --- tiled training: random crops of large images, read from Zarr ---------------------------------------
 
-    x = torch.arange(2 * 1 * 2 * 3, dtype=torch.float32).reshape(2, 1, 2, 3)
-    y = torch.stack([x[:, 0], -x[:, 0]], dim=1)  # two mask channels derived from the image
-    fx, fy = random_hflip(x, y, torch.Generator().manual_seed(3))
-    flipped = [not torch.equal(fx[i], x[i]) for i in range(2)]
-    assert any(flipped)
+TILES = DatasetConfig(raw="unused", in_channels=1, image_size=(32, 32), tile_scale=0.25)  # crops of 128 x 128
+
+
+def _sparse_store(tmp_path: Path, size: int = 512) -> tuple[CaseStore, CaseStore]:
+    """Two large noisy images in 64-px chunks, each with one small labelled blob in a random place."""
+    rng = np.random.default_rng(1)
+    images = CaseStore.create(tmp_path / "big.zarr", dataset="big", classes=["a", "b"])
+    labels = CaseStore.create(tmp_path / "big_labels.zarr", dataset="big", classes=["a", "b"])
     for i in range(2):
-        assert torch.equal(fy[i, 0], fx[i, 0]) and torch.equal(fy[i, 1], -fx[i, 0])
+        mask = np.zeros((2, size, size), dtype=np.uint8)
+        y, x = rng.integers(0, size - 12, 2)
+        mask[i, y : y + 12, x : x + 12] = 1  # ~0.05% of the image, in a different class per case
+        image = rng.integers(0, 200, (size, size), dtype=np.uint8)
+        for store in (images, labels):
+            store.write_case(f"c{i}", {"group": f"g{i}", "kind": "image"})
+        images.write_array(f"c{i}", "image", image, chunk=64)
+        labels.write_array(f"c{i}", "mask", mask, chunk=64)
+    return images, labels
+
+
+def test_a_crop_is_the_slice_of_the_normalised_image_and_padded_past_its_edges(tmp_path):
+    images, labels = _sparse_store(tmp_path)
+    crops = TileCrops(images, labels, ["c0"], TILES, 0.33)
+    case = crops.cases[0]
+    full = frames_to_input(images.array("c0", "image")[:][None], 1)[0]
+    scaled = masks_to_target(labels.array("c0", "mask")[:][None], (128, 128))[0]  # as validation and inference see them
+    x, y = crops.read(case, 50, 75)  # at tile_scale 0.25: full-resolution corner (200, 300)
+    assert torch.allclose(x, full[:, 200:328, 300:428], atol=1e-4)
+    assert torch.equal(y.float(), scaled[:, 50:82, 75:107])
+    x, y = crops.read(case, -7, 112)  # past the top and right edges: zeros (the image's mean) there
+    assert torch.allclose(x[:, 28:, :64], full[:, :100, 448:], atol=1e-4)
+    assert torch.count_nonzero(x[:, :28]) == 0 and torch.count_nonzero(x[:, :, 64:]) == 0
+    assert torch.equal(y[:, 7:, :16].float(), scaled[:, :25, 112:]) and torch.count_nonzero(y[:, :7]) == 0
+
+
+@pytest.mark.parametrize(("corner", "chunks"), [((32, 48), 4), ((25, 25), 9)])
+def test_a_crop_reads_only_the_chunks_it_covers(tmp_path, caplog, corner, chunks):
+    images, labels = _sparse_store(tmp_path)
+    crops = TileCrops(images, labels, ["c0"], TILES, 0.33)
+    # The same store, seen through zarr's LoggingStore, which logs every call to the files.
+    images.root = zarr.open_group(LoggingStore(LocalStore(images.path, read_only=True), log_level="INFO"), mode="r")
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        crops.read(crops.cases[0], *corner)
+    shard_reads = [m for m in caplog.messages if m.strip().startswith("Calling LocalStore.get(c0/image/c/")]
+    # One read of the shard's index, then one per 64-px chunk the 128-px crop covers, of 64 in the shard;
+    # the masks come from the cache at tile_scale.
+    assert len(shard_reads) == 1 + chunks
+
+
+def test_foreground_oversampling_gives_at_least_the_fraction_on_a_sparse_mask(tmp_path):
+    images, labels = _sparse_store(tmp_path)
+    generator = torch.Generator().manual_seed(0)
+    shares = {}
+    for fraction in (0.0, 0.33):
+        crops = TrainingSet(TileCrops(images, labels, ["c0", "c1"], TILES, fraction))
+        hits = 0
+        for _ in range(25):
+            _, y, _ = crops.batch(torch.tensor([0, 1, 0, 1]), generator)
+            hits += int((y.flatten(1).amax(dim=1) > 0).sum())
+        shares[fraction] = hits / 100
+    assert shares[0.33] >= 0.33
+    assert shares[0.0] < 0.2  # without oversampling, crops rarely meet such a small blob
+
+
+def test_tiled_training_validates_whole_images_at_the_tile_scale(tmp_path):
+    images, labels = _sparse_store(tmp_path)
+    val = validation_batches(images, labels, ["c1"], TILES, 4)
+    assert [tuple(x.shape) for x, _ in val] == [(1, 1, 128, 128)] and val[0][1].shape == (1, 2, 128, 128)
+    train = training_set(images, labels, ["c0"], TILES, 0.5)
+    meta = {**META, "classes": ["a", "b"], "tile_scale": 0.25}
+    cfg = CFG.model_copy(update={"epochs": 2, "batch_size": 2})
+    (tmp_path / "model").mkdir()
+    result = fit(new_model(meta, 0), train, val, cfg, tmp_path / "model", CPU, meta)
+    assert 0 <= result.best_dice <= 1 and load_model(tmp_path / "model" / "best.pt", CPU)[1]["tile_scale"] == 0.25
+
+
+# --- kill and resume: a real `python -m tasks.train`, SIGKILLed after a checkpoint ------------------------
+
+def _stage_inputs(disc_stores, tmp_path: Path) -> list[str]:
+    images, labels = disc_stores
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["datasets"]["kvasir"].update({"in_channels": 1, "image_size": [32, 32]})
+    params["train"].update({"epochs": 8, "steps_per_epoch": 3, "batch_size": 4, "patience": 8, "top_k": 2,
+                            "channels": [8, 16, 32], "per_dataset": {}})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    groups = {c: images.case_attrs(c)["group"] for c in images.case_ids()}
+    split = make_split(groups, k=params["split"]["k"], seed=0, test_fraction=0.2)
+    (tmp_path / "split.json").write_text(json.dumps(split.to_json()))
+    return ["--dataset", "kvasir", "--arch", "unet", "--fold", "0", "--params", str(tmp_path / "params.yaml"),
+            "--images", str(images.path), "--labels", str(labels.path), "--split", str(tmp_path / "split.json")]
+
+
+def _train(args: list[str], out: Path) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "tasks.train", *args, "--out", str(out), "--metrics", str(out.with_suffix(".live"))],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def _finished_epoch(work: Path) -> int:
+    try:
+        return torch.load(work / "last.pt", weights_only=True)["meta"]["epoch"]
+    except (FileNotFoundError, RuntimeError, EOFError):
+        return -1
+
+
+def test_a_killed_run_resumed_ends_with_the_weights_of_an_uninterrupted_run(disc_stores, tmp_path):
+    args = _stage_inputs(disc_stores, tmp_path)
+    whole, killed = _train(args, tmp_path / "whole"), _train(args, tmp_path / "killed")
+    work = tmp_path / ".killed.partial.tmp"
+    while _finished_epoch(work) < 2:
+        assert killed.poll() is None, f"finished before it could be killed:\n{killed.communicate()}"
+        time.sleep(0.02)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    stopped_at = _finished_epoch(work)
+    assert stopped_at < 7 and not (tmp_path / "killed").exists()
+
+    resumed = _train([*args, "--resume"], tmp_path / "killed")
+    assert resumed.wait() == 0 and whole.wait() == 0, resumed.communicate()[1][-2000:]
+    assert f"resumed after epoch {stopped_at}" in resumed.communicate()[0]
+    for name in ("last.pt", "best.pt"):
+        a, b = (torch.load(tmp_path / run / name, weights_only=True) for run in ("whole", "killed"))
+        assert a["meta"] == b["meta"]
+        assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    assert sorted(os.listdir(tmp_path / "whole" / "top")) == sorted(os.listdir(tmp_path / "killed" / "top"))
+    # DVCLive carried on at the next step: one row per epoch, as in the uninterrupted run.
+    steps = [json.loads((tmp_path / f"{run}.live" / "metrics.json").read_text())["step"] for run in ("whole", "killed")]
+    assert steps[0] == steps[1] == 7
+    assert not work.exists()
+
+
+def test_resume_refuses_a_run_made_with_other_settings(disc_stores, tmp_path):
+    from segpipe.errors import ConfigError
+
+    train, val = _data(disc_stores)
+    out = _out(tmp_path)
+    fit(new_model(META, 0), train, val, CFG.model_copy(update={"epochs": 1}), out, CPU, META)
+    with pytest.raises(ConfigError, match="lr"):
+        fit(new_model(META, 0), train, val, CFG.model_copy(update={"epochs": 1, "lr": 0.5}), out, CPU, META, resume=True)
