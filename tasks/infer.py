@@ -1,4 +1,5 @@
-"""The `infer` stage: one trained fold predicts the held-out test cases into a Zarr store."""
+"""The `infer` stage: one trained fold predicts its validation cases (out-of-fold, role "val") and
+the held-out test cases (role "test") into one Zarr store, on Dask workers."""
 from __future__ import annotations
 
 import argparse
@@ -6,9 +7,9 @@ from pathlib import Path
 
 from segpipe.device import resolve_device
 from segpipe.infer import predict_store
+from segpipe.parallel import dask_client
 from segpipe.splits import read_split
 from segpipe.store import CaseStore
-from segpipe.train import load_model
 from tasks import common
 
 
@@ -21,13 +22,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(ns: argparse.Namespace) -> None:
     params = common.params_of(ns)
-    device = resolve_device(params.device)
-    model, meta = load_model(ns.model or common.model_dir(ns.dataset, ns.arch, ns.fold) / "best.pt", device)
+    device = str(resolve_device(params.device))
+    checkpoint = ns.model or common.model_dir(ns.dataset, ns.arch, ns.fold) / "best.pt"
     images = CaseStore(ns.images or common.store_path(ns.dataset))
-    cases = read_split(ns.split or common.SPLITS / f"{ns.dataset}.json").test
+    split = read_split(ns.split or common.SPLITS / f"{ns.dataset}.json")
+    roles = {**{case: "val" for case in split.fold(ns.fold).val}, **{case: "test" for case in split.test}}
     out = ns.out or common.member_path(ns.dataset, ns.arch, ns.fold)
-    predict_store(model, meta, images, cases, out, params.infer, device)
-    print(f"infer {ns.dataset}/{ns.arch}/fold{ns.fold}: {len(cases)} cases -> {out}")
+    with dask_client(params.dask) as client:
+        predict_store(checkpoint, images, roles, out, params.infer, device, client)
+    print(f"infer {ns.dataset}/{ns.arch}/fold{ns.fold}: {len(roles) - len(split.test)} val + "
+          f"{len(split.test)} test cases -> {out}")
 
 
 if __name__ == "__main__":
