@@ -1,41 +1,238 @@
-"""Ensembling: the mean of several prediction stores' probabilities, thresholded into masks."""
+"""Ensembling: the weighted mean of the members' (folds' and architectures') probabilities, cut into
+masks by per-class thresholds tuned on the members' out-of-fold validation predictions.
+
+Each case of a member store has a `role` attr: `test` (held out, predicted by every member) or
+`val` (predicted by the one fold of each architecture that did not train on it); a store without
+roles is all test. The ensemble store holds the test cases only. Work goes block by block (a batch
+of frames times a few classes), so memory holds a few blocks, never a whole video or a whole
+29-class X-ray in float32.
+"""
 from __future__ import annotations
 
+import logging
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import torch
+import zarr
 
 from segpipe.atomic import atomic_dir
+from segpipe.config import EnsembleConfig
+from segpipe.data import labelled_frames
 from segpipe.errors import StoreError
 from segpipe.preprocess import to_float16, to_float32
 from segpipe.store import CaseStore
+from segpipe.thresholds import bin_lookup, candidates, choose, dice_curves, fixed_choice, histograms
+
+log = logging.getLogger(__name__)
+
+TEST, VAL = "test", "val"
+CLASSES_PER_BLOCK = 8  # 8 full-size 2048^2 float32 channels are 134 MB; all 29 bones would be 0.5 GB
 
 
-def mean_probabilities(stores: list[CaseStore], case_id: str) -> np.ndarray:
-    """Running float32 mean, so memory holds one member's output and the sum, whatever their number."""
-    total = None
-    for store in stores:
-        prob = to_float32(store.array(case_id, "prob")[:])
-        total = prob if total is None else total + prob
-    return total / len(stores)
+def normalised(weights: np.ndarray) -> np.ndarray:
+    """Weights summing to 1; all zero (no member better than another) means equal weights."""
+    total = weights.sum()
+    return weights / total if total > 0 else np.full(len(weights), 1 / len(weights))
 
 
-def ensemble_stores(members: list[Path], out: Path, threshold: float) -> None:
-    """Write `prob` (float16 mean) and `mask` (uint8, prob >= threshold) for every case of the members."""
-    stores = [CaseStore(p) for p in members]
-    if not stores:
-        raise StoreError(f"{out}: no prediction stores to ensemble")
-    cases = stores[0].case_ids()
-    for store in stores[1:]:
-        if store.case_ids() != cases:
-            raise StoreError(f"{store.path}: cases differ from {stores[0].path}")
-    with atomic_dir(out) as tmp:
-        ensemble = CaseStore.create(
-            tmp, dataset=stores[0].attrs["dataset"], classes=stores[0].classes,
-            members=[str(p) for p in members], threshold=threshold,
+def role_cases(store: CaseStore) -> dict[str, list[str]]:
+    roles: dict[str, list[str]] = {TEST: [], VAL: []}
+    for case_id in store.case_ids():
+        role = store.case_attrs(case_id).get("role", TEST)
+        if role not in roles:
+            raise StoreError(f"{store.path}: case {case_id!r} has role {role!r}; expected {TEST!r} or {VAL!r}")
+        roles[role].append(case_id)
+    return roles
+
+
+def val_dice_of(store: CaseStore) -> float:
+    value = store.attrs.get("model", {}).get("val_dice")
+    if not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise StoreError(
+            f"{store.path}: attrs model.val_dice is {value!r}; weighting by val_dice needs a Dice in [0, 1]"
         )
-        for case_id in cases:
-            prob = mean_probabilities(stores, case_id)
-            ensemble.write_case(case_id, stores[0].case_attrs(case_id))
-            ensemble.write_array(case_id, "prob", to_float16(prob))
-            ensemble.write_array(case_id, "mask", (prob >= threshold).astype(np.uint8))
+    return float(value)
+
+
+@dataclass(frozen=True)
+class Members:
+    """The member stores, their cases by role, and their weights in the mean."""
+
+    stores: list[CaseStore]
+    roles: list[dict[str, list[str]]]
+    weights: np.ndarray
+
+    @classmethod
+    def open(cls, paths: list[Path], weighting: str) -> Members:
+        stores = [CaseStore(p) for p in paths]
+        if not stores:
+            raise StoreError("no prediction stores to ensemble")
+        roles = [role_cases(s) for s in stores]
+        first = stores[0]
+        for store, role in zip(stores[1:], roles[1:]):
+            if store.classes != first.classes:
+                raise StoreError(f"{store.path}: classes {store.classes} differ from {first.classes} in {first.path}")
+            if role[TEST] != roles[0][TEST]:
+                here, there = set(role[TEST]), set(roles[0][TEST])
+                raise StoreError(
+                    f"{store.path}: test cases differ from {first.path}: "
+                    f"only here {sorted(here - there)[:5]}, only there {sorted(there - here)[:5]}"
+                )
+        if not roles[0][TEST]:
+            raise StoreError(f"{first.path}: no test cases to ensemble")
+        dice = np.ones(len(stores)) if weighting == "mean" else np.array([val_dice_of(s) for s in stores])
+        return cls(stores, roles, normalised(dice))
+
+    @property
+    def classes(self) -> list[str]:
+        return self.stores[0].classes
+
+    @property
+    def test_cases(self) -> list[str]:
+        return self.roles[0][TEST]
+
+    def val_holders(self) -> dict[str, list[int]]:
+        """Each validation case and the indices of the members that predicted it out of fold."""
+        holders: dict[str, list[int]] = defaultdict(list)
+        for i, roles in enumerate(self.roles):
+            for case_id in roles[VAL]:
+                holders[case_id].append(i)
+        return dict(sorted(holders.items()))
+
+    def describe(self) -> list[dict[str, Any]]:
+        """Each member's store, checkpoint (arch, fold, val Dice) and weight, for the report."""
+        models = [s.attrs.get("model", {}) for s in self.stores]
+        return [
+            {"store": str(s.path), **{k: m.get(k) for k in ("arch", "fold", "val_dice")}, "weight": float(w)}
+            for s, m, w in zip(self.stores, models, self.weights)
+        ]
+
+
+def prob_arrays(stores: list[CaseStore], case_id: str) -> tuple[list[zarr.Array], bool]:
+    """Every store's `prob` array of a case, checked to share one shape, and whether the case is a video."""
+    arrays = [s.array(case_id, "prob") for s in stores]
+    for store, array in zip(stores[1:], arrays[1:]):
+        if array.shape != arrays[0].shape:
+            raise StoreError(
+                f"{store.path}: case {case_id!r} prob shape {array.shape} "
+                f"differs from {arrays[0].shape} in {stores[0].path}"
+            )
+    return arrays, stores[0].is_video(case_id)
+
+
+def blocks(shape: tuple[int, ...], video: bool, batch_frames: int) -> Iterator[tuple[slice, slice]]:
+    """(frames, classes) slices covering a (T, K, H, W) video or a (K, H, W) image seen as one frame."""
+    n_frames, n_classes = (shape[0], shape[1]) if video else (1, shape[0])
+    for f in range(0, n_frames, batch_frames):
+        for c in range(0, n_classes, CLASSES_PER_BLOCK):
+            yield slice(f, min(f + batch_frames, n_frames)), slice(c, min(c + CLASSES_PER_BLOCK, n_classes))
+
+
+def read_block(array: zarr.Array, video: bool, frames: slice, classes: slice) -> np.ndarray:
+    """A (B, C, H, W) block; an image is one frame."""
+    return array[frames, classes] if video else array[classes][None]
+
+
+def write_block(array: zarr.Array, video: bool, frames: slice, classes: slice, block: np.ndarray) -> None:
+    if video:
+        array[frames, classes] = block
+    else:
+        array[classes] = block[0]
+
+
+def mean_block(
+    arrays: list[zarr.Array], weights: np.ndarray, video: bool, frames: slice, classes: slice
+) -> np.ndarray:
+    """The weighted mean of one block of every array, as float16 (what is stored and thresholded)."""
+    total = None
+    for array, weight in zip(arrays, weights):
+        part = torch.from_numpy(np.ascontiguousarray(read_block(array, video, frames, classes))).float()
+        total = part.mul_(float(weight)) if total is None else total.add_(part, alpha=float(weight))
+    return to_float16(total)
+
+
+def val_histograms(members: Members, labels: CaseStore, case_id: str, holders: list[int], lookup: np.ndarray,
+                   batch_frames: int) -> np.ndarray:
+    """(labelled frames, K, 2, bins) threshold histograms of one validation case's out-of-fold mean."""
+    arrays, video = prob_arrays([members.stores[i] for i in holders], case_id)
+    mask = labels.array(case_id, "mask")
+    if mask.shape != arrays[0].shape:
+        raise StoreError(
+            f"{labels.path}: case {case_id!r} mask shape {mask.shape} differs from the predictions' {arrays[0].shape}"
+        )
+    weights = normalised(members.weights[holders])
+    keep = labelled_frames(labels, case_id)
+    out = np.zeros((len(keep), len(members.classes), 2, int(lookup.max()) + 1), dtype=np.int64)
+    for frames, classes in blocks(mask.shape, video, batch_frames):
+        rows = np.flatnonzero((keep >= frames.start) & (keep < frames.stop))
+        if rows.size:
+            local = keep[rows] - frames.start
+            prob = mean_block(arrays, weights, video, frames, classes)[local]
+            out[rows, classes] = histograms(prob, read_block(mask, video, frames, classes)[local], lookup)
+    return out
+
+
+def tune_thresholds(members: Members, labels: CaseStore | None, cfg: EnsembleConfig) -> list[dict[str, Any]]:
+    """Per class: the threshold, where it came from, and the validation Dice at it and at the fixed one."""
+    n_classes, holders = len(members.classes), members.val_holders()
+    if not cfg.tune or not holders:
+        return [fixed_choice(cfg.threshold, "tuning off" if not cfg.tune else "no validation cases")] * n_classes
+    if labels is None:
+        raise StoreError(f"{members.stores[0].path}: validation cases to tune on, but no labels store given")
+    if labels.classes != members.classes:
+        raise StoreError(f"{labels.path}: classes {labels.classes} differ from the predictions' {members.classes}")
+    grid = candidates(cfg.grid_step, cfg.threshold)
+    lookup = bin_lookup(grid)
+    hist = np.concatenate([
+        val_histograms(members, labels, case_id, idx, lookup, cfg.batch_frames) for case_id, idx in holders.items()
+    ])
+    if not len(hist):  # every validation frame untrusted (keep): no evidence either way
+        return [fixed_choice(cfg.threshold, "no labelled validation frames")] * n_classes
+    positives, dice = dice_curves(hist)
+    return choose(grid, dice, positives, cfg.threshold)
+
+
+def write_ensemble_case(members: Members, ensemble: CaseStore, case_id: str, thresholds: np.ndarray,
+                        batch_frames: int) -> None:
+    arrays, video = prob_arrays(members.stores, case_id)
+    ensemble.write_case(case_id, members.stores[0].case_attrs(case_id))
+    # Created through write_array (which owns the layout) from a broadcast zero that costs no
+    # memory, then filled block by block.
+    prob_out = ensemble.write_array(case_id, "prob", np.broadcast_to(np.float16(0), arrays[0].shape))
+    mask_out = ensemble.write_array(case_id, "mask", np.broadcast_to(np.uint8(0), arrays[0].shape))
+    for frames, classes in blocks(arrays[0].shape, video, batch_frames):
+        prob = mean_block(arrays, members.weights, video, frames, classes)
+        write_block(prob_out, video, frames, classes, prob)
+        cut = thresholds[classes][None, :, None, None]
+        write_block(mask_out, video, frames, classes, (to_float32(prob) >= cut).astype(np.uint8))
+
+
+def ensemble_stores(
+    paths: list[Path], out: Path, cfg: EnsembleConfig, labels: CaseStore | None = None
+) -> dict[str, Any]:
+    """Write `prob` (float16 weighted mean) and `mask` (uint8, prob >= its class's threshold) for every
+    test case of the members to a new store at `out`; return the weights and thresholds it records.
+
+    `labels` (masks of the validation cases) is needed only to tune thresholds.
+    """
+    members = Members.open(paths, cfg.weighting)
+    choices = tune_thresholds(members, labels, cfg)
+    summary = {
+        "weighting": cfg.weighting,
+        "members": members.describe(),
+        "thresholds": dict(zip(members.classes, choices)),
+        "n_test_cases": len(members.test_cases),
+        "n_val_cases": len(members.val_holders()),
+    }
+    thresholds = np.array([c["threshold"] for c in choices], dtype=np.float32)
+    with atomic_dir(out) as tmp:
+        ensemble = CaseStore.create(tmp, dataset=members.stores[0].attrs["dataset"], classes=members.classes, **summary)
+        for case_id in members.test_cases:
+            write_ensemble_case(members, ensemble, case_id, thresholds, cfg.batch_frames)
+            log.info("ensembled %s", case_id)
+    return summary

@@ -1,28 +1,40 @@
-"""The `ensemble` stage: the mean of every fold's and architecture's probabilities, thresholded."""
+"""The `ensemble` stage: the (validation-Dice-weighted) mean of every fold's and architecture's test
+probabilities, cut by per-class thresholds tuned on their out-of-fold validation predictions."""
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
+from segpipe.atomic import write_json
 from segpipe.ensemble import ensemble_stores
+from segpipe.store import CaseStore
 from tasks import common
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = common.dataset_parser(__doc__)
+    p = common.dataset_parser(__doc__, "labels")
     p.add_argument("--members", type=Path, nargs="*", help="default: every arch and fold of params' train section")
     p.add_argument("--out", type=Path, help="default: data/predictions/<dataset>/ensemble.zarr")
+    p.add_argument("--report", type=Path, help="weights and thresholds (default: reports/<dataset>/ensemble.json)")
     return p
 
 
 def main(ns: argparse.Namespace) -> None:
     params = common.params_of(ns)
+    cfg = params.ensemble
     members = ns.members or [
         common.member_path(ns.dataset, arch, k) for arch in params.train.archs for k in params.train.folds
     ]
     out = ns.out or common.PREDICTIONS / ns.dataset / "ensemble.zarr"
-    ensemble_stores(members, out, params.ensemble.threshold)
-    print(f"ensemble {ns.dataset}: mean of {len(members)} members -> {out}")
+    labels = CaseStore(ns.labels or common.labels_path(ns.dataset))
+    summary = ensemble_stores(members, out, cfg, labels)
+    report = ns.report or common.REPORTS / ns.dataset / "ensemble.json"
+    write_json(report, summary)
+    tuned = sum(c["source"] == "tuned" for c in summary["thresholds"].values())
+    print(
+        f"ensemble {ns.dataset}: {cfg.weighting} of {len(members)} members, {tuned}/{len(summary['thresholds'])} "
+        f"thresholds tuned on {summary['n_val_cases']} validation cases -> {out}, {report}"
+    )
 
 
 if __name__ == "__main__":
