@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
-
 import numpy as np
 from scipy import ndimage
 from skimage.filters import threshold_multiotsu
@@ -211,22 +209,13 @@ def dice(pred: np.ndarray, truth: np.ndarray) -> float:
     return _dice(np.asarray(pred, bool), np.asarray(truth, bool))
 
 
-def pseudolabel_store(
-    images: CaseStore, out: Path, cfg: PseudolabelConfig, truth: Path | None = None
-) -> dict[str, Any]:
+def pseudolabel_store(images: CaseStore, out: Path, cfg: PseudolabelConfig) -> CaseStore:
     """Pseudo-label every video of an ingest store into a new store at `out` (written atomically).
 
     Per case: the ingest attrs, `mask` (T, 1, H, W) uint8, `confidence` (T,) float32 and `keep`
-    (T,) uint8, 1 where the frame is past warm-up and confident enough to train on. With `truth`
-    (a folder of true masks `<truth>/<group>/<stem>.npy`, as the demo writes), the summary also
-    scores the pseudo-labels against them.
+    (T,) uint8, 1 where the frame is past warm-up and confident enough to train on. Its quality
+    is summarised by segpipe.pseudolabel_report.
     """
-    if truth is not None and not Path(truth).is_dir():
-        log.warning("%s: no such truth folder; pseudo-labels are not scored", truth)
-        truth = None
-    totals = {"cases": 0, "frames": 0, "kept": 0, "rejected_warmup": 0, "rejected_low_confidence": 0}
-    confidences: list[float] = []
-    scores: dict[str, list[float]] = {"all": [], "kept": []}
     with atomic_dir(Path(out)) as tmp:
         store = CaseStore.create(
             tmp, dataset=images.attrs.get("dataset", "unknown"), classes=CLASSES, origin="pseudolabel",
@@ -245,35 +234,6 @@ def pseudolabel_store(
             store.write_array(case_id, "mask", masks[:, None])
             store.write_array(case_id, "confidence", confidence)
             store.write_array(case_id, "keep", keep.astype(np.uint8))
-            totals["cases"] += 1
-            totals["frames"] += len(frames)
-            totals["kept"] += int(keep.sum())
-            totals["rejected_warmup"] += warmup
-            totals["rejected_low_confidence"] += int(len(frames) - warmup - keep.sum())
-            confidences.extend(confidence[warmup:].tolist())
-            true = _truth_of(truth, case_id, attrs) if truth is not None else None
-            if true is not None:
-                per_frame = [dice(masks[t], true[t]) for t in range(warmup, len(frames))]
-                scores["all"] += per_frame
-                scores["kept"] += [d for d, k in zip(per_frame, keep[warmup:]) if k]
             log.info("%s: %d/%d frames kept, mean confidence %.2f", case_id, keep.sum(), len(frames),
                      float(np.mean(confidence[warmup:])) if len(frames) > warmup else 0.0)
-    totals["mean_confidence"] = float(np.mean(confidences)) if confidences else 0.0
-    if scores["all"]:
-        totals["dice_vs_truth"] = float(np.mean(scores["all"]))
-        totals["dice_vs_truth_kept"] = float(np.mean(scores["kept"])) if scores["kept"] else 0.0
-    return totals
-
-
-def _truth_of(truth: Path, case_id: str, attrs: dict[str, Any]) -> np.ndarray | None:
-    """The true masks of a case, if `truth` holds them: `<truth>/<group>/<stem>.npy`, where the stem
-    is the source file's (ingest may prefix the case id with the speaker)."""
-    group = str(attrs.get("group", ""))
-    stems = [Path(str(attrs["source"])).stem] if attrs.get("source") else []
-    stems += [case_id, case_id.removeprefix(f"{group}_")]
-    for stem in stems:
-        path = Path(truth) / group / f"{stem}.npy"
-        if path.is_file():
-            return np.load(path)
-    log.warning("%s: no true masks for case %s under %s", truth, case_id, truth)
-    return None
+    return CaseStore(out)

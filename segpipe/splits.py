@@ -1,14 +1,21 @@
-"""Leakage-free K-fold splits: whole groups (speaker, patient, video) go to one fold or to the test set."""
+"""Leakage-free, stratified K-fold splits: whole groups (speaker, patient, video) go to one fold or
+to the test set, and the folds and the test set each get their share of every stratum.
+
+A stratum is a coarse property of a case that the evaluation should see in every fold, e.g. the
+polyp's size (mask-area bins) or how many classes a case shows. Datasets without one have a
+single stratum, and the split only balances sizes.
+"""
 from __future__ import annotations
 
 import json
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from segpipe.errors import ConfigError
+from segpipe.store import CaseStore, frames_of
 
 
 @dataclass(frozen=True)
@@ -22,6 +29,7 @@ class Split:
     folds: list[Fold]
     test: list[str]
     groups: dict[str, str]
+    strata: dict[str, str] = field(default_factory=dict)
 
     def fold(self, k: int) -> Fold:
         if not 0 <= k < len(self.folds):
@@ -33,14 +41,21 @@ class Split:
             "folds": [{"train": f.train, "val": f.val} for f in self.folds],
             "test": self.test,
             "groups": self.groups,
+            "strata": self.strata,
         }
 
 
-def make_split(groups: dict[str, str], k: int, seed: int, test_fraction: float) -> Split:
-    """Split cases {case_id: group_id} into a held-out test set and k folds, grouped.
+def make_split(
+    groups: dict[str, str], k: int, seed: int, test_fraction: float, strata: dict[str, str] | None = None
+) -> Split:
+    """Split cases {case_id: group_id} into a held-out test set and k folds, grouped and stratified.
 
-    Groups are shuffled with the seed; the first ceil(test_fraction * n_groups) go to test; the
-    rest are dealt, largest first, to the fold with the fewest cases so folds stay balanced.
+    The test set's target share of every stratum is `test_fraction`, each fold's the rest over k.
+    Groups are dealt largest first (equal sizes in seeded random order) to the bin furthest below
+    its target in the group's own strata, then in cases overall, then in a seeded bin order. So
+    the first k + 1 groups open every bin (the test set and each fold get at least one group),
+    and with one stratum this is plain size balancing. `strata` maps cases to a stratum; missing
+    cases share one.
     """
     members: dict[str, list[str]] = defaultdict(list)
     for case, group in sorted(groups.items()):
@@ -48,22 +63,47 @@ def make_split(groups: dict[str, str], k: int, seed: int, test_fraction: float) 
     names = sorted(members)
     if len(names) < k + 1:
         raise ConfigError(f"split.k={k} needs at least {k + 1} groups (k folds + test); found {len(names)}")
-    order = [names[i] for i in np.random.default_rng(seed).permutation(len(names))]
-    n_test = min(max(1, int(np.ceil(test_fraction * len(names)))), len(names) - k)
-    test_groups, fold_groups = order[:n_test], order[n_test:]
+    strata = {c: strata[c] for c in sorted(groups) if c in strata} if strata else {}
+    levels = sorted({strata.get(c, "") for c in groups})
+    count = {g: np.array([sum(strata.get(c, "") == s for c in members[g]) for s in levels]) for g in names}
+    total = sum(count.values())
+    share = np.array([test_fraction] + [(1 - test_fraction) / k] * k)  # bin 0 is the test set
 
-    fold_cases: list[list[str]] = [[] for _ in range(k)]
+    rng = np.random.default_rng(seed)
+    order = [names[i] for i in rng.permutation(len(names))]
+    bin_rank = rng.permutation(k + 1)
+    load = np.zeros((k + 1, len(levels)))
+    bins: list[list[str]] = [[] for _ in range(k + 1)]
     # Stable sort keeps the seeded order among groups of equal size.
-    for group in sorted(fold_groups, key=lambda g: -len(members[g])):
-        smallest = min(range(k), key=lambda i: len(fold_cases[i]))
-        fold_cases[smallest].extend(members[group])
+    for group in sorted(order, key=lambda g: -len(members[g])):
+        mine = count[group]
+        own_fill = (load * mine).sum(axis=1) / (share * (total * mine).sum())
+        overall_fill = load.sum(axis=1) / (share * total.sum())
+        best = min(range(k + 1), key=lambda b: (own_fill[b], overall_fill[b], bin_rank[b]))
+        load[best] += mine
+        bins[best].append(group)
 
+    cases = [sorted(c for g in gs for c in members[g]) for gs in bins]
     folds = [
-        Fold(train=sorted(c for j, cases in enumerate(fold_cases) if j != i for c in cases), val=sorted(val))
-        for i, val in enumerate(fold_cases)
+        Fold(train=sorted(c for j, val in enumerate(cases[1:]) if j != i for c in val), val=val)
+        for i, val in enumerate(cases[1:])
     ]
-    test = sorted(c for g in test_groups for c in members[g])
-    return Split(folds=folds, test=test, groups=dict(sorted(groups.items())))
+    return Split(folds=folds, test=cases[0], groups=dict(sorted(groups.items())), strata=strata)
+
+
+def strata_of(labels: CaseStore, case_ids: list[str], how: str, bins: int = 3) -> dict[str, str]:
+    """A stratum per case from its masks: "none" (no strata), "mask_area" (`bins` quantile bins of
+    the foreground fraction, e.g. small/medium/large polyps) or "class_count" (classes present)."""
+    if how == "none":
+        return {}
+    masks = {c: frames_of(np.asarray(labels.array(c, "mask")[:]), labels.is_video(c)) for c in case_ids}
+    if how == "class_count":
+        return {c: f"{int(m.any(axis=(0, 2, 3)).sum())}_classes" for c, m in masks.items()}
+    if how == "mask_area":
+        area = {c: float(m.any(axis=1).mean()) for c, m in masks.items()}
+        edges = np.quantile(list(area.values()), np.linspace(0, 1, bins + 1)[1:-1]) if area else []
+        return {c: f"area_bin{int(np.searchsorted(edges, a, side='right'))}" for c, a in area.items()}
+    raise ConfigError(f"split.stratify: unknown stratification {how!r}; known: none, mask_area, class_count")
 
 
 def read_split(path: Path) -> Split:
@@ -72,4 +112,5 @@ def read_split(path: Path) -> Split:
         folds=[Fold(train=f["train"], val=f["val"]) for f in data["folds"]],
         test=data["test"],
         groups=data["groups"],
+        strata=data.get("strata", {}),
     )

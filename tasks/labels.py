@@ -1,13 +1,21 @@
-"""The `labels` stage: a dataset's training masks, as given (ingest) or pseudo-labelled (USC-TIMIT)."""
+"""The `labels` stage: a dataset's training masks, as given (ingest) or pseudo-labelled (USC-TIMIT).
+
+    python -m tasks.labels --dataset usc_timit [--images STORE.zarr] [--out STORE.zarr]
+        [--report FILE.json] [--quality DIR] [--truth DIR]
+
+Pseudo-labels come with a quality report in `--quality` (pseudolabels.json, pseudolabels.md and a
+montage PNG per video); any ingest store works, e.g. one of real clips ingested with `tasks.ingest`.
+"""
 from __future__ import annotations
 
 import argparse
 import json
 from pathlib import Path
 
-from segpipe.atomic import write_json
+from segpipe.atomic import atomic_dir, write_json
 from segpipe.labels import copy_labels
 from segpipe.pseudolabel import pseudolabel_store
+from segpipe.pseudolabel_report import write_report
 from segpipe.store import CaseStore
 from tasks import common
 
@@ -15,7 +23,9 @@ from tasks import common
 def build_parser() -> argparse.ArgumentParser:
     p = common.dataset_parser(__doc__, "images")
     p.add_argument("--out", type=Path, help="default: data/labels/<dataset>.zarr")
-    p.add_argument("--report", type=Path, help="default: reports/<dataset>/labels.json")
+    p.add_argument("--report", type=Path, help="headline figures, default: reports/<dataset>/labels.json")
+    p.add_argument("--quality", type=Path, help="quality report folder, default: reports/<dataset>/pseudolabels")
+    p.add_argument("--truth", type=Path, help="true masks to score against (default: params datasets.<name>.truth)")
     return p
 
 
@@ -24,12 +34,28 @@ def main(ns: argparse.Namespace) -> None:
     data_cfg = params.dataset(ns.dataset)
     images = CaseStore(ns.images or common.store_path(ns.dataset))
     out = ns.out or common.labels_path(ns.dataset)
+    quality = ns.quality or common.REPORTS / ns.dataset / "pseudolabels"
     if data_cfg.labels == "pseudolabel":
-        summary = pseudolabel_store(images, out, params.pseudolabel, truth=data_cfg.truth)
+        labels = pseudolabel_store(images, out, params.pseudolabel)
+        report = write_report(labels, images, quality, truth=ns.truth or data_cfg.truth,
+                              title=f"Pseudo-label quality: {ns.dataset} ({images.path.name})")
+        summary = {"origin": "pseudolabel", **report["summary"]}
     else:
         summary = copy_labels(images, out)
+        _write_nothing_pseudolabelled(quality, ns.dataset, summary)
     write_json(ns.report or common.REPORTS / ns.dataset / "labels.json", summary)
     print(f"labels {ns.dataset}: {json.dumps(summary)} -> {out}")
+
+
+def _write_nothing_pseudolabelled(folder: Path, dataset: str, summary: dict) -> None:
+    """The stage's quality folder exists for every dataset (DVC declares it per stage); this one
+    says that the masks were given."""
+    with atomic_dir(folder) as tmp:
+        write_json(tmp / "pseudolabels.json", {"pseudolabelled": False, **summary})
+        (tmp / "pseudolabels.md").write_text(
+            f"# Pseudo-label quality: {dataset}\n\nNothing is pseudo-labelled: the masks of the "
+            f"{summary['cases']} labelled cases come with the data.\n"
+        )
 
 
 if __name__ == "__main__":

@@ -1,11 +1,12 @@
-"""The `split` stage: K folds grouped by speaker/patient/video plus a held-out test set."""
+"""The `split` stage: K folds grouped by speaker/patient/video, stratified where the dataset has
+strata (params `split.stratify`), plus a held-out test set."""
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
 from segpipe.atomic import write_json
-from segpipe.splits import make_split
+from segpipe.splits import make_split, strata_of
 from segpipe.store import CaseStore
 from tasks import common
 
@@ -17,14 +18,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(ns: argparse.Namespace) -> None:
-    params = common.params_of(ns)
+    cfg = common.params_of(ns).split
     labels = CaseStore(ns.labels or common.labels_path(ns.dataset))
     groups = {c: labels.case_attrs(c)["group"] for c in labels.case_ids() if labels.has(c, "mask")}
-    split = make_split(groups, params.split.k, params.split.seed, params.split.test_fraction)
+    strata = strata_of(labels, sorted(groups), cfg.stratify_for(ns.dataset), cfg.area_bins)
+    split = make_split(groups, cfg.k, cfg.seed, cfg.test_fraction, strata)
     out = ns.out or common.SPLITS / f"{ns.dataset}.json"
     write_json(out, split.to_json())
     sizes = ", ".join(f"fold{i} {len(f.val)}" for i, f in enumerate(split.folds))
-    print(f"split {ns.dataset}: {len(groups)} cases, test {len(split.test)}, {sizes} -> {out}")
+    print(f"split {ns.dataset}: {len(groups)} cases, {len(set(strata.values())) or 1} strata, "
+          f"test {len(split.test)}, {sizes} -> {out}")
 
 
 if __name__ == "__main__":
