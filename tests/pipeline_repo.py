@@ -29,7 +29,7 @@ def shrink(params: dict) -> dict:
     params["demo"] = SMALL_PARAMS["demo"]
     for name, size in SMALL_PARAMS["image_size"].items():
         params["datasets"][name]["image_size"] = size
-    params["split"] = SMALL_PARAMS["split"]
+    params["split"].update(SMALL_PARAMS["split"])
     params["train"].update(SMALL_PARAMS["train"])
     return params
 
