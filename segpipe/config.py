@@ -21,6 +21,13 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def tile_extent(image_size: tuple[int, int], tile_scale: float | None) -> tuple[int, int] | None:
+    """The full-resolution extent (H, W) one model tile covers, or None when whole images are resized."""
+    if tile_scale is None:
+        return None
+    return tuple(round(s / tile_scale) for s in image_size)
+
+
 class DatasetConfig(Section):
     raw: Path
     in_channels: Literal[1, 3]
@@ -35,10 +42,7 @@ class DatasetConfig(Section):
     )
 
     def tile_extent(self) -> tuple[int, int] | None:
-        """The full-resolution extent (H, W) one model tile covers, or None when whole images are resized."""
-        if self.tile_scale is None:
-            return None
-        return tuple(round(s / self.tile_scale) for s in self.image_size)
+        return tile_extent(self.image_size, self.tile_scale)
 
 
 class KvasirDemo(Section):
@@ -85,9 +89,36 @@ class DaskConfig(Section):
     threads_per_worker: int = Field(1, ge=1)
 
 
+class StudentConfig(Section):
+    """The student of a teacher-student round (segpipe/teacher.py): its own settings, apart from
+    `train:`, so that tuning the final models never reruns the labels."""
+
+    arch: str = "unet"
+    channels: list[int] = Field([16, 32, 64, 128], description="a list, not a tuple: it round-trips through store attrs")
+    epochs: int = Field(8, ge=1)
+    steps_per_epoch: int = Field(20, ge=1)
+    batch_size: int = Field(8, ge=1)
+    lr: float = Field(0.003, gt=0)
+    patience: int = Field(3, ge=1, description="epochs without a better validation Dice before stopping")
+    val_fraction: float = Field(0.2, gt=0, lt=1, description="share of groups (speakers) held out for early stopping")
+    seed: int = 0
+
+    def train_config(self) -> TrainConfig:
+        """The TrainConfig of segpipe.train.fit, built field by field; the rest are TrainConfig's defaults."""
+        return TrainConfig(
+            archs=(self.arch,), folds=(0,), epochs=self.epochs, steps_per_epoch=self.steps_per_epoch,
+            batch_size=self.batch_size, lr=self.lr, patience=self.patience, channels=tuple(self.channels),
+            seed=self.seed,
+        )
+
+
 class PseudolabelConfig(Section):
     smooth_frames: int = Field(3, ge=1, description="odd temporal median window")
     min_confidence: float = Field(0.5, ge=0, le=1)
+    rounds: int = Field(
+        0, ge=0, description="teacher-student rounds after the classical labels (0: classical labels only)"
+    )
+    student: StudentConfig = StudentConfig()
 
 
 class SplitConfig(Section):

@@ -34,9 +34,9 @@ import torch
 from torch import nn
 
 from segpipe.atomic import atomic_dir
-from segpipe.config import InferConfig
+from segpipe.config import InferConfig, tile_extent
 from segpipe.errors import StoreError
-from segpipe.preprocess import frames_to_input, resize, to_float16
+from segpipe.preprocess import frames_to_input, match_channels, resize, to_float16
 from segpipe.store import CaseStore, frames_of
 from segpipe.tiling import BandBlender, Grid, importance_map, row_bands
 from segpipe.train import load_model
@@ -59,10 +59,9 @@ class Array(Protocol):
     def __setitem__(self, key: Any, value: np.ndarray) -> None: ...
 
 
-def tile_extent(meta: dict[str, Any]) -> tuple[int, int] | None:
-    """Full-resolution (h, w) one model tile covers; None for whole-image models (as DatasetConfig.tile_extent)."""
-    scale = meta.get("tile_scale")
-    return None if scale is None else tuple(round(s / scale) for s in meta["image_size"])
+def meta_tile_extent(meta: dict[str, Any]) -> tuple[int, int] | None:
+    """The full-resolution (h, w) one tile of this checkpoint's model covers; None for whole-image models."""
+    return tile_extent(meta["image_size"], meta.get("tile_scale"))
 
 
 def to_probabilities(logits: torch.Tensor) -> np.ndarray:
@@ -103,15 +102,7 @@ def predict_frames(
 
 def _channels(band: np.ndarray, in_channels: int) -> torch.Tensor:
     """(h, w[, C]) integer pixels -> (in_channels, h, w) float32, channels matched as frames_to_input does."""
-    x = torch.from_numpy(np.ascontiguousarray(band)).float()
-    x = x.permute(2, 0, 1) if x.ndim == 3 else x[None]
-    if x.shape[0] == in_channels:
-        return x
-    if in_channels == 1:
-        return x.mean(dim=0, keepdim=True)
-    if x.shape[0] == 1:
-        return x.expand(in_channels, -1, -1)
-    raise ValueError(f"cannot turn {x.shape[0]} image channels into {in_channels}")
+    return match_channels(torch.from_numpy(np.ascontiguousarray(band)).float()[None], in_channels)[0]
 
 
 def image_statistics(image: Array, in_channels: int, rows: int) -> tuple[float, float]:
@@ -170,7 +161,7 @@ def predict_tiled(
 ) -> None:
     """Tiled mode: probabilities of image rows [r0, r1) (default: all) of an (H, W[, C]) image into
     `out[:, r0:r1]` of a (K, H, W) float16 array, written in runs of whole `chunk` rows."""
-    extent, size = tile_extent(meta), tuple(meta["image_size"])
+    extent, size = meta_tile_extent(meta), tuple(meta["image_size"])
     if extent is None:
         raise ValueError("predict_tiled needs a model trained on tiles (meta tile_scale)")
     grid = Grid.of(image.shape[:2], extent, cfg.overlap)
@@ -239,7 +230,7 @@ def plan_jobs(
         attrs = images.case_attrs(case_id)
         store.write_case(case_id, {**{k: attrs[k] for k in CASE_ATTRS if k in attrs}, "role": role})
         job = Job(str(checkpoint), str(images.path), str(store.path), case_id, cfg, device)
-        if tile_extent(meta) is None:
+        if meta_tile_extent(meta) is None:
             jobs.append(job)
             continue
         image = images.array(case_id, "image")

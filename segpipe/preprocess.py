@@ -12,18 +12,23 @@ def frames_to_input(frames: np.ndarray, in_channels: int) -> torch.Tensor:
 
     Per-frame z-scoring makes MRI warm-up brightness and X-ray exposure differences irrelevant.
     """
-    x = torch.from_numpy(np.ascontiguousarray(frames)).float()
-    x = x.permute(0, 3, 1, 2) if x.ndim == 4 else x[:, None]
-    if x.shape[1] != in_channels:
-        if in_channels == 3 and x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        elif in_channels == 1:
-            x = x.mean(dim=1, keepdim=True)
-        else:
-            raise ValueError(f"cannot turn {x.shape[1]} image channels into {in_channels}")
+    x = match_channels(torch.from_numpy(np.ascontiguousarray(frames)).float(), in_channels)
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
     std = x.std(dim=(1, 2, 3), keepdim=True)
     return (x - mean) / (std + 1e-6)
+
+
+def match_channels(x: torch.Tensor, in_channels: int) -> torch.Tensor:
+    """(T, H, W) or (T, H, W, C) frames -> (T, in_channels, H, W): grey repeated for RGB models,
+    RGB averaged for grey ones."""
+    x = x.permute(0, 3, 1, 2) if x.ndim == 4 else x[:, None]
+    if x.shape[1] == in_channels:
+        return x
+    if in_channels == 1:
+        return x.mean(dim=1, keepdim=True)
+    if x.shape[1] == 1:
+        return x.expand(-1, in_channels, -1, -1)
+    raise ValueError(f"cannot turn {x.shape[1]} image channels into {in_channels}")
 
 
 def resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
