@@ -24,7 +24,7 @@ import torch
 from segpipe.config import DatasetConfig
 from segpipe.errors import ConfigError
 from segpipe.preprocess import frames_to_input, masks_to_target, resize
-from segpipe.store import CaseStore, frames_of
+from segpipe.store import CaseStore, frames_of, labelled_frames
 
 # Edge of one foreground cell (at tile_scale) as a fraction of the crop's edge: small enough that a
 # cell lies inside any crop centred in it, coarse enough that the map stays a few hundred cells.
@@ -35,13 +35,6 @@ class Augment(Protocol):
     """segpipe.augment's contract: image (H, W, C) float32 in [0, 1], mask (H, W, K) uint8, stateless per seed."""
 
     def __call__(self, image: np.ndarray, mask: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]: ...
-
-
-def labelled_frames(labels: CaseStore, case_id: str) -> np.ndarray:
-    """Indices of the frames of a case that carry a trusted label (all, unless a `keep` array says otherwise)."""
-    if labels.has(case_id, "keep"):
-        return np.flatnonzero(labels.array(case_id, "keep")[:])
-    return np.arange(labels.array(case_id, "mask").shape[0] if labels.is_video(case_id) else 1)
 
 
 def load_samples(

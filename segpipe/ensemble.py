@@ -22,10 +22,9 @@ import zarr
 
 from segpipe.atomic import atomic_dir
 from segpipe.config import EnsembleConfig
-from segpipe.data import labelled_frames
 from segpipe.errors import StoreError
 from segpipe.preprocess import to_float16, to_float32
-from segpipe.store import CaseStore
+from segpipe.store import CaseStore, labelled_frames
 from segpipe.thresholds import bin_lookup, candidates, choose, dice_curves, fixed_choice, histograms
 
 log = logging.getLogger(__name__)

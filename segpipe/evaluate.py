@@ -6,9 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from segpipe.data import labelled_frames
 from segpipe.metrics import METRICS, confusion, scores, summarize
-from segpipe.store import CaseStore, frames_of
+from segpipe.store import CaseStore, frames_of, labelled_frames
 
 
 def score_pairs(pairs: Iterable[tuple[np.ndarray, np.ndarray]], classes: list[str]) -> dict:

@@ -127,6 +127,13 @@ def _link_or_copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst)
 
 
+def labelled_frames(labels: CaseStore, case_id: str) -> np.ndarray:
+    """Indices of the frames of a case that carry a trusted label (all, unless a `keep` array says otherwise)."""
+    if labels.has(case_id, "keep"):
+        return np.flatnonzero(labels.array(case_id, "keep")[:])
+    return np.arange(labels.array(case_id, "mask").shape[0] if labels.is_video(case_id) else 1)
+
+
 def frames_of(array: np.ndarray, is_video: bool) -> np.ndarray:
     """View an image or mask as a stack of 2-D frames: images gain a leading frame axis of 1."""
     return array if is_video else array[None]
