@@ -94,12 +94,12 @@ class StudentConfig(Section):
     `train:`, so that tuning the final models never reruns the labels."""
 
     arch: str = "unet"
-    channels: list[int] = Field([16, 32, 64, 128], description="a list, not a tuple: it round-trips through store attrs")
-    epochs: int = Field(8, ge=1)
-    steps_per_epoch: int = Field(20, ge=1)
+    channels: list[int] = Field([16, 32, 64, 128], description="a list (not a tuple) to round-trip through store attrs")
+    epochs: int = Field(20, ge=1)
+    steps_per_epoch: int = Field(40, ge=1)
     batch_size: int = Field(8, ge=1)
-    lr: float = Field(0.003, gt=0)
-    patience: int = Field(3, ge=1, description="epochs without a better validation Dice before stopping")
+    lr: float = Field(0.005, gt=0)
+    patience: int = Field(5, ge=1, description="epochs without a better validation Dice before stopping")
     val_fraction: float = Field(0.2, gt=0, lt=1, description="share of groups (speakers) held out for early stopping")
     seed: int = 0
 

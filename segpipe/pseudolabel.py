@@ -209,6 +209,20 @@ def dice(pred: np.ndarray, truth: np.ndarray) -> float:
     return _dice(np.asarray(pred, bool), np.asarray(truth, bool))
 
 
+def write_labelled_video(
+    store: CaseStore, case_id: str, attrs: dict, masks: np.ndarray, confidence: np.ndarray, warmup: int,
+    min_confidence: float,
+) -> np.ndarray:
+    """Write one video's (T, 1, H, W) masks, (T,) confidence and the `keep` flags training reads
+    (past warm-up and confident enough); returns keep."""
+    keep = (np.arange(len(masks)) >= warmup) & (confidence >= min_confidence)
+    store.write_case(case_id, attrs)
+    store.write_array(case_id, "mask", masks)
+    store.write_array(case_id, "confidence", confidence)
+    store.write_array(case_id, "keep", keep.astype(np.uint8))
+    return keep
+
+
 def pseudolabel_store(images: CaseStore, out: Path, cfg: PseudolabelConfig) -> CaseStore:
     """Pseudo-label every video of an ingest store into a new store at `out` (written atomically).
 
@@ -229,11 +243,7 @@ def pseudolabel_store(images: CaseStore, out: Path, cfg: PseudolabelConfig) -> C
             frames = np.asarray(images.array(case_id, "image")[:])
             warmup = min(int(attrs.get("warmup_frames", 0)), len(frames))
             masks, confidence = label_video(frames, warmup, cfg)
-            keep = (np.arange(len(frames)) >= warmup) & (confidence >= cfg.min_confidence)
-            store.write_case(case_id, attrs)
-            store.write_array(case_id, "mask", masks[:, None])
-            store.write_array(case_id, "confidence", confidence)
-            store.write_array(case_id, "keep", keep.astype(np.uint8))
+            keep = write_labelled_video(store, case_id, attrs, masks[:, None], confidence, warmup, cfg.min_confidence)
             log.info("%s: %d/%d frames kept, mean confidence %.2f", case_id, keep.sum(), len(frames),
                      float(np.mean(confidence[warmup:])) if len(frames) > warmup else 0.0)
     return CaseStore(out)

@@ -6,6 +6,13 @@ are both kept: a label that flickers is not following anatomy that moves smoothl
 true masks when they are known (the demo), and one overlay montage per video: evenly spaced
 frames with the airway outlined, framed by what happened to each frame.
 
+With teacher-student rounds (segpipe.teacher) the report describes the final round, plus a
+`rounds` list: per round its counts and Dice against the truth, and from round 1 its student's:
+what it trained on, its raw Dice (all steady-state frames, and the speakers it never saw), and
+the Dice its teacher's kept labels keep after a round trip through the model's scale, the best a
+student working at that scale could do. The markdown states from these numbers whether each
+student beats the labels it learnt from.
+
 Written to a folder: `pseudolabels.json`, `pseudolabels.md` and `<case>.png`.
 """
 from __future__ import annotations
@@ -19,8 +26,9 @@ from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
 from segpipe.atomic import atomic_dir, write_json
+from segpipe.preprocess import masks_to_target, resize
 from segpipe.pseudolabel import dice
-from segpipe.store import CaseStore
+from segpipe.store import CaseStore, labelled_frames
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +93,59 @@ def _video_quality(labels: CaseStore, case_id: str, truth: Path | None):
     return video, confidence[warmup:], pair_dice, truth_dice
 
 
+ROUND_KEYS = ("kept", "rejected_warmup", "rejected_low_confidence", "mean_confidence", "dice_vs_truth",
+              "dice_vs_truth_kept")
+
+
+def rounds_quality(rounds: list[CaseStore], truth: Path | None = None) -> list[dict[str, Any]]:
+    """Per round (stores in order, round 0 first): its counts and Dice against the truth; from round
+    1, its student's training figures and Dice. A student's masks are its round's labels, unfiltered
+    (segpipe.teacher), so its raw Dice over all steady-state frames is the round's `dice_vs_truth`."""
+    out = []
+    for r, store in enumerate(rounds):
+        report = quality(store, truth)
+        summary = report["summary"]
+        entry: dict[str, Any] = {"round": r, **{k: summary[k] for k in ROUND_KEYS if k in summary}}
+        if "student" in store.attrs:
+            entry["student"] = _student_quality(store.attrs["student"], report, rounds[r - 1], truth)
+        out.append(entry)
+    return out
+
+
+def _student_quality(student: dict[str, Any], report: dict[str, Any], teacher: CaseStore,
+                     truth: Path | None) -> dict[str, Any]:
+    """A student's training figures (store attrs); with the truth, also its raw Dice over all
+    steady-state frames, over its held-out speakers', and the bound its resolution sets."""
+    if "dice_vs_truth" not in report["summary"]:
+        return student
+    return {**student, "dice_vs_truth": report["summary"]["dice_vs_truth"],
+            "dice_vs_truth_heldout": _frame_mean(report["videos"], student["val_cases"]),
+            "teacher_dice_vs_truth_at_model_scale": dice_at_scale(teacher, truth, student["image_size"])}
+
+
+def _frame_mean(videos: dict[str, dict[str, Any]], case_ids: list[str]) -> float | None:
+    """Mean per-frame Dice against the truth over the steady-state frames of some videos."""
+    scored = [(v["dice_vs_truth"], v["frames"] - v["rejected_warmup"]) for c, v in videos.items()
+              if c in case_ids and v.get("dice_vs_truth") is not None]
+    frames = sum(n for _, n in scored)
+    return float(sum(d * n for d, n in scored) / frames) if frames else None
+
+
+def dice_at_scale(labels: CaseStore, truth: Path, size: list[int]) -> float | None:
+    """Mean Dice against the truth of the kept labels once resized to the model's `size` and back,
+    as a student sees them in training and returns them in inference: what it could reach at best."""
+    scores = []
+    for case_id in labels.case_ids():
+        true = _truth_of(truth, case_id, labels.case_attrs(case_id))
+        kept = labelled_frames(labels, case_id)
+        if true is None or kept.size == 0:
+            continue
+        small = masks_to_target(np.asarray(labels.array(case_id, "mask")[:])[kept], tuple(size))
+        back = (resize(small, true.shape[1:]) > 0.5).numpy()[:, 0]
+        scores += [dice(m, true[t]) for m, t in zip(back, kept)]
+    return float(np.mean(scores)) if scores else None
+
+
 def _truth_of(truth: Path, case_id: str, attrs: dict[str, Any]) -> np.ndarray | None:
     """The true masks of a case, if `truth` holds them: `<truth>/<group>/<stem>.npy`, where the stem
     is the source file's (ingest may prefix the case id with the speaker)."""
@@ -133,10 +194,13 @@ def outlined(frame: np.ndarray, mask: np.ndarray, scale: int) -> np.ndarray:
 
 
 def write_report(labels: CaseStore, images: CaseStore, out: Path, truth: Path | None = None,
-                 title: str = "Pseudo-label quality") -> dict[str, Any]:
+                 title: str = "Pseudo-label quality", rounds: list[CaseStore] | None = None) -> dict[str, Any]:
     """Write `pseudolabels.json`, `pseudolabels.md` and one montage PNG per case into the folder
-    `out` (replaced atomically); return the report."""
+    `out` (replaced atomically); return the report. `rounds`: every round's store, `labels` being
+    the last one's copy."""
     report = quality(labels, truth)
+    if rounds:
+        report["rounds"] = rounds_quality(rounds, truth)
     with atomic_dir(Path(out)) as tmp:
         for case_id in labels.case_ids():
             attrs = labels.case_attrs(case_id)
@@ -164,6 +228,8 @@ def markdown(report: dict[str, Any], title: str) -> str:
     if "dice_vs_truth" in s:
         lines += ["", f"Dice against the true airway: {s['dice_vs_truth']:.3f} over all steady-state frames, "
                       f"{s['dice_vs_truth_kept']:.3f} over kept frames."]
+    if len(report.get("rounds", [])) > 1:
+        lines += ["", *_rounds_markdown(report["rounds"])]
     lines += ["", "## Confidence of steady-state frames", "", "```", *_text_histogram(report), "```", ""]
     lines += ["## Per video", "", "| video | frames | kept | warm-up | low confidence | mean confidence "
               "| stability mean | stability min |", "|---|---|---|---|---|---|---|---|"]
@@ -175,6 +241,47 @@ def markdown(report: dict[str, Any], title: str) -> str:
               "orange rejected for low confidence, grey warm-up; `c` is the frame's confidence.", ""]
     lines += [f"### {case_id}\n\n![{case_id}]({case_id}.png)\n" for case_id in report["videos"]]
     return "\n".join(lines)
+
+
+def _rounds_markdown(rounds: list[dict[str, Any]]) -> list[str]:
+    """The rounds table, then one sentence per student saying, from the numbers, whether it beats
+    the labels it learnt from."""
+    lines = [f"## Teacher-student rounds ({len(rounds) - 1} after the classical labels)", "",
+             "Round 0 is the classical labeller; each later round's labels are a student's raw predictions "
+             "(segpipe/teacher.py). Dice against the true airway over all steady-state frames and over kept ones; "
+             "the student's Dice on the speakers held out from its training.", "",
+             "| round | kept | low confidence | mean confidence | Dice all | Dice kept | student Dice, held-out |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rounds:
+        heldout = r.get("student", {}).get("dice_vs_truth_heldout")
+        lines.append(f"| {r['round']} | {r['kept']} | {r['rejected_low_confidence']} | {r['mean_confidence']:.3f} | "
+                     f"{_num(r.get('dice_vs_truth'))} | {_num(r.get('dice_vs_truth_kept'))} | {_num(heldout)} |")
+    lines.append("")
+    for teacher, r in zip(rounds, rounds[1:]):
+        lines += [_verdict(teacher, r), ""]
+    return lines
+
+
+def _verdict(teacher: dict[str, Any], r: dict[str, Any]) -> str:
+    student = r["student"]
+    head = (f"Round {r['round']}: the student trained on {student['train_frames']} kept frames of round "
+            f"{teacher['round']} (best validation Dice {student['best_val_dice']:.3f} against those labels, epoch "
+            f"{student['best_epoch']} of {student['epochs_run']})")
+    if "dice_vs_truth" not in student or teacher.get("dice_vs_truth_kept") is None:
+        return head + "; no true masks, so whether it beats its labels is unknown."
+    gap = student["dice_vs_truth"] - teacher["dice_vs_truth_kept"]
+    text = (f"{head}. Its raw predictions score {student['dice_vs_truth']:.3f} against the truth over all "
+            f"steady-state frames ({_num(student['dice_vs_truth_heldout'])} on the held-out speakers), against "
+            f"{teacher['dice_vs_truth_kept']:.3f} for the labels it learnt from: "
+            + (f"it beats them by {gap:.3f}." if gap > 0 else f"it does not beat them ({-gap:.3f} below)."))
+    ceiling = student.get("teacher_dice_vs_truth_at_model_scale")
+    if gap <= 0 and ceiling is not None and ceiling < teacher["dice_vs_truth_kept"]:
+        size = "x".join(str(s) for s in student["image_size"])
+        text += (f" The model works at {size}: those labels, resized there and back, score {ceiling:.3f}, so "
+                 f"the resolution alone costs {teacher['dice_vs_truth_kept'] - ceiling:.3f} of Dice, and the student "
+                 + ("reaches that bound." if student["dice_vs_truth"] >= ceiling
+                    else f"stays {ceiling - student['dice_vs_truth']:.3f} below it."))
+    return text
 
 
 def _text_histogram(report: dict[str, Any], width: int = 40) -> list[str]:

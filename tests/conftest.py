@@ -54,6 +54,17 @@ def disc_stores(tmp_path):
     return images, labels
 
 
+@pytest.fixture(scope="session")
+def phantom(tmp_path_factory) -> Path:
+    """The small demo rtMRI phantom (tests/usc_phantom.py) written once: AVIs plus true masks."""
+    from segpipe.datasets import demo_usc
+    from tests.usc_phantom import VIDEOS
+
+    root = tmp_path_factory.mktemp("usc")
+    demo_usc.write(root, VIDEOS, seed=0)
+    return root
+
+
 @pytest.fixture
 def shared_data() -> Path:
     return require_shared_data()
