@@ -1,6 +1,6 @@
 """Real Kvasir-SEG: 5-fold cross-validation of the training stage on the 300 real pairs in ../shared/data.
 
-    python benchmarks/kvasir_real.py [--epochs 10] [--steps 20] [--size 256] [--batch 8]
+    python -m benchmarks.kvasir_real [--epochs 10] [--steps 20] [--size 256] [--batch 8]
 
 Ingests ../shared/data/kvasir-seg with segpipe.ingest into a temporary Zarr store (Dask LocalCluster
 of params.yaml), splits it into 5 grouped folds with segpipe.splits (each Kvasir image is its own
@@ -26,18 +26,17 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from segpipe import augment  # noqa: E402
-from segpipe.config import load_params  # noqa: E402
-from segpipe.data import training_set, validation_batches  # noqa: E402
-from segpipe.device import resolve_device  # noqa: E402
-from segpipe.ingest import ingest  # noqa: E402
-from segpipe.metrics import mean_dice  # noqa: E402
-from segpipe.parallel import dask_client  # noqa: E402
-from segpipe.splits import make_split  # noqa: E402
-from segpipe.store import CaseStore  # noqa: E402
-from segpipe.train import fit, new_model  # noqa: E402
+from segpipe import augment
+from segpipe.config import load_params
+from segpipe.data import training_set, validation_batches
+from segpipe.device import resolve_device
+from segpipe.ingest import ingest
+from segpipe.metrics import mean_dice
+from segpipe.parallel import dask_client
+from segpipe.splits import make_split
+from segpipe.store import CaseStore
+from segpipe.train import fit, new_model
 
 RAW = ROOT.parent / "shared" / "data" / "kvasir-seg"
 

@@ -1,6 +1,6 @@
 """Training throughput: segpipe's fit loop against a bare PyTorch/MONAI loop, same model, batch and data.
 
-    python benchmarks/train_throughput.py [--cases 48] [--size 128] [--batch 8] [--steps 15] [--epochs 3]
+    python -m benchmarks.train_throughput [--cases 48] [--size 128] [--batch 8] [--steps 15] [--epochs 3]
 
 Ours: `segpipe.train.fit` on `segpipe.data.training_set` reading a real Zarr store (whole-frame
 mode: resized once, cached), seeded sampling, BCE+Dice, AdamW + cosine, top-k checkpoints,
@@ -24,15 +24,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dvclive import Live  # noqa: E402
+from dvclive import Live
 
-from segpipe import augment, losses  # noqa: E402
-from segpipe.config import DatasetConfig, TrainConfig, load_params  # noqa: E402
-from segpipe.data import load_samples, training_set, validation_batches  # noqa: E402
-from segpipe.device import resolve_device  # noqa: E402
-from segpipe.metrics import mean_dice  # noqa: E402
-from segpipe.store import CaseStore  # noqa: E402
-from segpipe.train import fit, new_model, seed_everything  # noqa: E402
+from segpipe import augment, losses
+from segpipe.config import DatasetConfig, TrainConfig, load_params
+from segpipe.data import load_samples, training_set, validation_batches
+from segpipe.device import resolve_device
+from segpipe.metrics import mean_dice
+from segpipe.store import CaseStore
+from segpipe.train import fit, new_model, seed_everything
 
 ROOT = Path(__file__).resolve().parents[1]
 
