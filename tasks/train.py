@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -35,6 +36,19 @@ def progress_bar(desc: str) -> tqdm:
     return tqdm(desc=desc, unit="step", disable=not sys.stderr.isatty())
 
 
+def drop_torn_live_summary(metrics_dir: Path) -> None:
+    """DVCLive rewrites metrics.json in place every epoch, so a kill can leave it empty, and
+    `Live(resume=True)` then fails to parse it. The resumed step comes from last.pt (segpipe.train.fit),
+    not from this file, so an unreadable one is dropped; the next epoch writes it again."""
+    path = metrics_dir / "metrics.json"
+    try:
+        json.loads(path.read_text())
+    except FileNotFoundError:
+        pass
+    except ValueError:
+        path.unlink()
+
+
 def main(ns: argparse.Namespace) -> None:
     params = common.params_of(ns)
     data_cfg, cfg = params.dataset(ns.dataset), params.train.for_dataset(ns.dataset)
@@ -54,6 +68,8 @@ def main(ns: argparse.Namespace) -> None:
     model = new_model(meta, cfg.seed, cfg.encoder_weights)
     metrics_dir = ns.metrics or common.REPORTS / ns.dataset / "train" / f"{ns.arch}-fold{ns.fold}"
     out = ns.out or common.model_dir(ns.dataset, ns.arch, ns.fold)
+    if ns.resume:
+        drop_torn_live_summary(metrics_dir)
     with (
         resumable_dir(out, ns.resume) as work,
         Live(str(metrics_dir), save_dvc_exp=False, dvcyaml=None, resume=ns.resume) as live,

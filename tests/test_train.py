@@ -267,3 +267,15 @@ def test_resume_refuses_a_run_made_with_other_settings(disc_stores, tmp_path):
     fit(new_model(META, 0), train, val, CFG.model_copy(update={"epochs": 1}), out, CPU, META)
     with pytest.raises(ConfigError, match="lr"):
         fit(new_model(META, 0), train, val, CFG.model_copy(update={"epochs": 1, "lr": 0.5}), out, CPU, META, resume=True)
+
+
+def test_a_summary_torn_by_the_kill_does_not_stop_the_resume(tmp_path):
+    from tasks.train import drop_torn_live_summary
+
+    (tmp_path / "metrics.json").write_text("")  # DVCLive killed while rewriting it
+    drop_torn_live_summary(tmp_path)
+    assert not (tmp_path / "metrics.json").exists()
+    (tmp_path / "metrics.json").write_text('{"step": 3}')
+    drop_torn_live_summary(tmp_path)
+    assert json.loads((tmp_path / "metrics.json").read_text()) == {"step": 3}
+    drop_torn_live_summary(tmp_path / "never-written")
