@@ -100,7 +100,7 @@ class BandBlender:
             self.acc = torch.cat([self.acc, self.acc.new_zeros(self.acc.shape[0], need, self.acc.shape[2])], 1)
             self.wsum = torch.cat([self.wsum, self.wsum.new_zeros(1, need, self.wsum.shape[2])], 1)
         rows = slice(lo - self.base, y + h - self.base)
-        self.acc[:, rows, x : x + w] += logits[:, lo - y :] * self.weight[lo - y :]
+        self.acc[:, rows, x : x + w].addcmul_(logits[:, lo - y :], self.weight[lo - y :])
         self.wsum[:, rows, x : x + w] += self.weight[lo - y :]
 
     def close(self) -> None:
