@@ -36,7 +36,6 @@ from torch import nn
 from segpipe.atomic import atomic_dir
 from segpipe.config import InferConfig, tile_extent
 from segpipe.errors import StoreError
-from segpipe.parallel import WriteBehind, background
 from segpipe.preprocess import frames_to_input, match_channels, resize, to_float16
 from segpipe.store import CaseStore, frames_of
 from segpipe.tiling import BandBlender, Grid, importance_map, row_bands
@@ -169,20 +168,17 @@ def predict_tiled(
     rows = rows or (0, image.shape[0])
     stats = image_statistics(image, meta["in_channels"], chunk)
 
-    with WriteBehind() as writer:
-        def emit(r0: int, r1: int, logits: torch.Tensor) -> None:
-            writer.submit(out.__setitem__, (slice(None), slice(r0, r1)), to_probabilities(logits))
+    def emit(r0: int, r1: int, logits: torch.Tensor) -> None:
+        out[:, r0:r1] = to_probabilities(logits)
 
-        blender = BandBlender(grid, rows, len(meta["classes"]), importance_map(extent, cfg.mode), chunk, emit)
-        # Tiles of the next batch are read and normalised while the model runs on this one.
-        tiles = background(_tiles(image, grid, rows, meta["in_channels"], stats), depth=cfg.batch_size)
-        for batch in _batches(tiles, cfg.batch_size):
-            x = resize(torch.stack([tile for _, _, tile in batch]), size)
-            logits = tta_logits(model, x.to(device), cfg.tta_flips()).cpu()
-            for (y, x0, _), tile_logits in zip(batch, logits):
-                # Back to full resolution one tile at a time: a batch of 29-class tiles would be large.
-                blender.add(y, x0, resize(tile_logits[None], extent)[0])
-        blender.close()
+    blender = BandBlender(grid, rows, len(meta["classes"]), importance_map(extent, cfg.mode), chunk, emit)
+    for batch in _batches(_tiles(image, grid, rows, meta["in_channels"], stats), cfg.batch_size):
+        x = resize(torch.stack([tile for _, _, tile in batch]), size)
+        logits = tta_logits(model, x.to(device), cfg.tta_flips()).cpu()
+        for (y, x0, _), tile_logits in zip(batch, logits):
+            # Back to full resolution one tile at a time: a batch of 29-class tiles would be large.
+            blender.add(y, x0, resize(tile_logits[None], extent)[0])
+    blender.close()
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,6 @@ from segpipe.config import TrainConfig
 from segpipe.data import TrainingSet
 from segpipe.errors import ConfigError
 from segpipe.metrics import confusion, scores
-from segpipe.parallel import background
 
 log = logging.getLogger(__name__)
 
@@ -244,12 +243,8 @@ def fit(
     for epoch in range(start, cfg.epochs if not stopped else start):
         model.train()
         total = 0.0
-        # The next batch is drawn (crops read, augmented) in a thread while this one trains. Only that
-        # thread draws from `generator`, and only within the epoch, so the order and last.pt's RNG state
-        # are those of a serial loop.
-        batches = (train.batch(idx, generator, weight_map)
-                   for idx in next_batches(len(train), cfg.batch_size, cfg.steps_per_epoch, generator))
-        for step, batch in enumerate(background(batches)):
+        for step, idx in enumerate(next_batches(len(train), cfg.batch_size, cfg.steps_per_epoch, generator)):
+            batch = train.batch(idx, generator, weight_map)
             total += train_step(model, loss_fn, optimizer, scaler, batch, device, amp)
             if progress is not None:
                 progress(epoch * cfg.steps_per_epoch + step + 1, total_steps)
