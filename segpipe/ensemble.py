@@ -3,9 +3,10 @@ masks by per-class thresholds tuned on the members' out-of-fold validation predi
 
 Each case of a member store has a `role` attr: `test` (held out, predicted by every member) or
 `val` (predicted by the one fold of each architecture that did not train on it); a store without
-roles is all test. The ensemble store holds the test cases only. Work goes block by block (a batch
-of frames times a few classes), so memory holds a few blocks, never a whole video or a whole
-29-class X-ray in float32.
+roles is all test. The ensemble store holds the test cases only. Work goes block by block, all
+classes at once: a batch of frames of a video, a band of chunk rows of an image, so memory holds a
+few blocks, never a whole video or a whole 29-class X-ray in float32, and every block is read and
+written in whole chunks (the output is laid out in one shard per block: no shard is rewritten).
 """
 from __future__ import annotations
 
@@ -30,7 +31,6 @@ from segpipe.thresholds import bin_lookup, candidates, choose, dice_curves, fixe
 log = logging.getLogger(__name__)
 
 TEST, VAL = "test", "val"
-CLASSES_PER_BLOCK = 8  # 8 full-size 2048^2 float32 channels are 134 MB; all 29 bones would be 0.5 GB
 
 
 def normalised(weights: np.ndarray) -> np.ndarray:
@@ -124,33 +124,36 @@ def prob_arrays(stores: list[CaseStore], case_id: str) -> tuple[list[zarr.Array]
     return arrays, stores[0].is_video(case_id)
 
 
-def blocks(shape: tuple[int, ...], video: bool, batch_frames: int) -> Iterator[tuple[slice, slice]]:
-    """(frames, classes) slices covering a (T, K, H, W) video or a (K, H, W) image seen as one frame."""
-    n_frames, n_classes = (shape[0], shape[1]) if video else (1, shape[0])
-    for f in range(0, n_frames, batch_frames):
-        for c in range(0, n_classes, CLASSES_PER_BLOCK):
-            yield slice(f, min(f + batch_frames, n_frames)), slice(c, min(c + CLASSES_PER_BLOCK, n_classes))
-
-
-def read_block(array: zarr.Array, video: bool, frames: slice, classes: slice) -> np.ndarray:
-    """A (B, C, H, W) block; an image is one frame."""
-    return array[frames, classes] if video else array[classes][None]
-
-
-def write_block(array: zarr.Array, video: bool, frames: slice, classes: slice, block: np.ndarray) -> None:
+def blocks(array: zarr.Array, video: bool, batch_frames: int) -> Iterator[tuple[slice, slice]]:
+    """(frames, rows) slices covering a (T, K, H, W) video `batch_frames` frames at a time, or a
+    (K, H, W) image, seen as one frame, one chunk row at a time (29 classes x 512 rows x 2048 px in
+    float32 are 121 MB)."""
     if video:
-        array[frames, classes] = block
+        for f in range(0, array.shape[0], batch_frames):
+            yield slice(f, min(f + batch_frames, array.shape[0])), slice(None)
+        return
+    height, step = array.shape[-2], array.chunks[-2]
+    for r in range(0, height, step):
+        yield slice(0, 1), slice(r, min(r + step, height))
+
+
+def read_block(array: zarr.Array, video: bool, frames: slice, rows: slice) -> np.ndarray:
+    """A (B, K, h, W) block, every class; an image is one frame."""
+    return array[frames, :, rows] if video else array[:, rows][None]
+
+
+def write_block(array: zarr.Array, video: bool, frames: slice, rows: slice, block: np.ndarray) -> None:
+    if video:
+        array[frames, :, rows] = block
     else:
-        array[classes] = block[0]
+        array[:, rows] = block[0]
 
 
-def mean_block(
-    arrays: list[zarr.Array], weights: np.ndarray, video: bool, frames: slice, classes: slice
-) -> np.ndarray:
+def mean_block(arrays: list[zarr.Array], weights: np.ndarray, video: bool, frames: slice, rows: slice) -> np.ndarray:
     """The weighted mean of one block of every array, as float16 (what is stored and thresholded)."""
     total = None
     for array, weight in zip(arrays, weights):
-        part = torch.from_numpy(np.ascontiguousarray(read_block(array, video, frames, classes))).float()
+        part = torch.from_numpy(np.ascontiguousarray(read_block(array, video, frames, rows))).float()
         total = part.mul_(float(weight)) if total is None else total.add_(part, alpha=float(weight))
     return to_float16(total)
 
@@ -167,12 +170,13 @@ def val_histograms(members: Members, labels: CaseStore, case_id: str, holders: l
     weights = normalised(members.weights[holders])
     keep = labelled_frames(labels, case_id)
     out = np.zeros((len(keep), len(members.classes), 2, int(lookup.max()) + 1), dtype=np.int64)
-    for frames, classes in blocks(mask.shape, video, batch_frames):
-        rows = np.flatnonzero((keep >= frames.start) & (keep < frames.stop))
-        if rows.size:
-            local = keep[rows] - frames.start
-            prob = mean_block(arrays, weights, video, frames, classes)[local]
-            out[rows, classes] = histograms(prob, read_block(mask, video, frames, classes)[local], lookup)
+    for frames, rows in blocks(arrays[0], video, batch_frames):
+        kept = np.flatnonzero((keep >= frames.start) & (keep < frames.stop))
+        if kept.size:
+            local = keep[kept] - frames.start
+            prob = mean_block(arrays, weights, video, frames, rows)[local]
+            # Pixel counts add up: an image's row bands sum into its one frame.
+            out[kept] += histograms(prob, read_block(mask, video, frames, rows)[local], lookup)
     return out
 
 
@@ -200,15 +204,15 @@ def write_ensemble_case(members: Members, ensemble: CaseStore, case_id: str, thr
                         batch_frames: int) -> None:
     arrays, video = prob_arrays(members.stores, case_id)
     ensemble.write_case(case_id, members.stores[0].case_attrs(case_id))
-    # Created through write_array (which owns the layout) from a broadcast zero that costs no
-    # memory, then filled block by block.
-    prob_out = ensemble.write_array(case_id, "prob", np.broadcast_to(np.float16(0), arrays[0].shape))
-    mask_out = ensemble.write_array(case_id, "mask", np.broadcast_to(np.uint8(0), arrays[0].shape))
-    for frames, classes in blocks(arrays[0].shape, video, batch_frames):
-        prob = mean_block(arrays, members.weights, video, frames, classes)
-        write_block(prob_out, video, frames, classes, prob)
-        cut = thresholds[classes][None, :, None, None]
-        write_block(mask_out, video, frames, classes, (to_float32(prob) >= cut).astype(np.uint8))
+    # One shard per block: a batch of frames of a video, a chunk row (as the members') of an image.
+    shape, band = arrays[0].shape, batch_frames if video else arrays[0].chunks[-2]
+    prob_out = ensemble.create_banded(case_id, "prob", shape, "float16", video, band)
+    mask_out = ensemble.create_banded(case_id, "mask", shape, "uint8", video, band)
+    cut = thresholds[None, :, None, None]
+    for frames, rows in blocks(arrays[0], video, batch_frames):
+        prob = mean_block(arrays, members.weights, video, frames, rows)
+        write_block(prob_out, video, frames, rows, prob)
+        write_block(mask_out, video, frames, rows, (to_float32(prob) >= cut).astype(np.uint8))
 
 
 def ensemble_stores(

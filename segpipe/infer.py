@@ -66,8 +66,11 @@ def meta_tile_extent(meta: dict[str, Any]) -> tuple[int, int] | None:
 
 def to_probabilities(logits: torch.Tensor) -> np.ndarray:
     """Sigmoid, rounded to 1/1024 (within float16's own step near 1): the many exact 0s and 1s
-    then compress ~10x, where float16 noise in the low bits did not compress at all."""
-    return to_float16(torch.round(torch.sigmoid(logits) * PROB_STEPS) / PROB_STEPS)
+    then compress ~10x, where float16 noise in the low bits did not compress at all.
+
+    Works in place: `logits` (always a fresh tensor here) is overwritten, which spares three
+    full-size temporaries per band."""
+    return to_float16(logits.sigmoid_().mul_(PROB_STEPS).round_().div_(PROB_STEPS))
 
 
 def tta_logits(model: nn.Module, x: torch.Tensor, flips: list[tuple[int, ...]]) -> torch.Tensor:
@@ -238,7 +241,7 @@ def plan_jobs(
             raise StoreError(f"{images.path}: case {case_id!r}: tiled inference takes 2-D images, "
                              f"got {'a video' if images.is_video(case_id) else image.shape}")
         height, chunk = image.shape[0], image.chunks[0]
-        store.create_banded(case_id, "prob", (len(meta["classes"]),) + image.shape[:2], "float16", chunk)
+        store.create_banded(case_id, "prob", (len(meta["classes"]),) + image.shape[:2], "float16", False, chunk)
         jobs += [replace(job, rows=band) for band in row_bands(height, chunk, cfg.band_rows)]
     return jobs
 

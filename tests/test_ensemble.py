@@ -16,14 +16,14 @@ from tests.conftest import ROOT
 CLASSES = ["a", "b"]
 
 
-def member(path, cases, val_dice=0.8, fold=0, classes=CLASSES):
+def member(path, cases, val_dice=0.8, fold=0, classes=CLASSES, chunk=512):
     """A prediction store; `cases` maps case id -> (role or None, prob); a 4-D prob is a video."""
     model = {"arch": "unet", "fold": fold, "val_dice": val_dice, "classes": list(classes)}
     store = CaseStore.create(path, dataset="d", classes=list(classes), model=model)
     for case_id, (role, prob) in cases.items():
         attrs = {"kind": "video" if prob.ndim == 4 else "image", "group": case_id}
         store.write_case(case_id, attrs if role is None else {**attrs, "role": role})
-        store.write_array(case_id, "prob", np.asarray(prob).astype(np.float16))
+        store.write_array(case_id, "prob", np.asarray(prob).astype(np.float16), chunk=chunk)
     return path
 
 
@@ -174,6 +174,26 @@ def test_videos_processed_in_batches_equal_whole(tmp_path):
     for name in ("prob", "mask"):
         assert np.array_equal(a.array("t", name)[:], b.array("t", name)[:])
     assert a.array("t", "prob").shape == (10, 2, 9, 9) and a.array("t", "mask").dtype == np.uint8
+    # One shard per batch of frames, so no batch's write reads or rewrites another's.
+    assert b.array("t", "prob").shards == b.array("t", "mask").shards == (3, 2, 9, 9)
+
+
+def test_images_processed_in_chunk_rows_equal_whole(tmp_path):
+    rng = np.random.default_rng(6)
+    truth = {"v0": (rng.random((2, 21, 13)) < 0.3).astype(np.uint8)}
+    cases = {"t": ("test", rng.random((2, 21, 13))), "v0": ("val", np.clip(0.6 * truth["v0"] + rng.random((2, 21, 13)) * 0.5, 0, 1))}
+    labels = labels_store(tmp_path / "labels.zarr", truth)
+    summaries, stores = [], []
+    for chunk in (512, 8):  # one block, or three bands of 8 rows
+        path = member(tmp_path / f"f{chunk}.zarr", cases, chunk=chunk)
+        summaries.append(ensemble_stores([path], tmp_path / f"ens{chunk}.zarr", EnsembleConfig(), labels))
+        stores.append(CaseStore(tmp_path / f"ens{chunk}.zarr"))
+
+    assert summaries[0]["thresholds"] == summaries[1]["thresholds"]
+    for name in ("prob", "mask"):
+        assert np.array_equal(stores[0].array("t", name)[:], stores[1].array("t", name)[:])
+    # A shard per band of chunk rows (all classes, full width), as the members are laid out.
+    assert stores[1].array("t", "prob").shards == (2, 8, 16)
 
 
 def test_ensemble_store_holds_only_test_cases_with_float16_prob_and_uint8_mask(tmp_path):
