@@ -68,9 +68,9 @@ def to_probabilities(logits: torch.Tensor) -> np.ndarray:
     """Sigmoid, rounded to 1/1024 (within float16's own step near 1): the many exact 0s and 1s
     then compress ~10x, where float16 noise in the low bits did not compress at all.
 
-    Works in place: `logits` (always a fresh tensor here) is overwritten, which spares three
-    full-size temporaries per band."""
-    return to_float16(logits.sigmoid_().mul_(PROB_STEPS).round_().div_(PROB_STEPS))
+    One full-size temporary (the sigmoid), the rest in place: `logits` may be a view the model
+    returned (an expanded tensor cannot be written in place), so it is never overwritten."""
+    return to_float16(logits.sigmoid().mul_(PROB_STEPS).round_().div_(PROB_STEPS))
 
 
 def tta_logits(model: nn.Module, x: torch.Tensor, flips: list[tuple[int, ...]]) -> torch.Tensor:
