@@ -24,7 +24,7 @@ import torch
 from segpipe.config import DatasetConfig
 from segpipe.errors import ConfigError
 from segpipe.preprocess import frames_to_input, masks_to_target, resize
-from segpipe.store import CaseStore, frames_of, labelled_frames
+from segpipe.store import CASES_IN_FLIGHT, CaseStore, labelled_frames, read_labelled_cases
 
 # Edge of one foreground cell (at tile_scale) as a fraction of the crop's edge: small enough that a
 # cell lies inside any crop centred in it, coarse enough that the map stays a few hundred cells.
@@ -42,16 +42,10 @@ def load_samples(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Stack every labelled frame of the cases: x (N, in_channels, h, w) float32, y (N, K, h, w) uint8 0/1.
 
-    One case is read at a time, so memory holds the resized dataset plus one full-size case.
+    CASES_IN_FLIGHT cases are read at a time, so memory holds the resized dataset plus that many full-size cases.
     """
     xs, ys = [], []
-    for case_id in case_ids:
-        video = images.is_video(case_id)
-        keep = labelled_frames(labels, case_id)
-        if keep.size == 0:
-            continue
-        frames = frames_of(images.array(case_id, "image")[:], video)[keep]
-        masks = frames_of(labels.array(case_id, "mask")[:], video)[keep]
+    for frames, masks in read_labelled_cases(images, labels, case_ids):
         xs.append(resize(frames_to_input(frames, in_channels), image_size))
         ys.append(masks_to_target(masks, image_size).to(torch.uint8))
     if not xs:
@@ -241,17 +235,26 @@ class TrainingSet:
         The last ceil(B x foreground_fraction) samples are drawn around foreground (nnU-Net's oversampling),
         so every batch holds at least that share, however small the batch.
         """
+        if isinstance(self.source, WholeFrames) and self.augment is None:
+            # Cached frames unchanged by drawing: one gather from the stacked tensors, no per-sample work.
+            x, y = self.source.x[indices], self.source.y[indices]
+        else:
+            x, y = self._draw(indices, generator)
+        w = None
+        if weight_map is not None:
+            w = torch.stack([self._weights(i, mask, weight_map) for i, mask in zip(indices.tolist(), y)])
+        return x, y.float(), w
+
+    def _draw(self, indices: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         n_foreground = math.ceil(len(indices) * self.source.foreground_fraction)
-        xs, ys, ws = [], [], []
+        xs, ys = [], []
         for j, i in enumerate(indices.tolist()):
             x, y = self.source.draw(i, generator, foreground=j >= len(indices) - n_foreground)
             if self.augment is not None:
                 x, y = with_augment(x, y, self.augment, int(torch.randint(2**31, (), generator=generator)))
             xs.append(x)
             ys.append(y)
-            if weight_map is not None:
-                ws.append(self._weights(i, y, weight_map))
-        return torch.stack(xs), torch.stack(ys).float(), torch.stack(ws) if ws else None
+        return torch.stack(xs), torch.stack(ys)
 
 
 def training_set(

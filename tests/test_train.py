@@ -16,8 +16,10 @@ import zarr
 from zarr.storage import LocalStore, LoggingStore
 
 from segpipe.config import DatasetConfig, TrainConfig
-from segpipe.data import TileCrops, TrainingSet, training_set, validation_batches
-from segpipe.preprocess import frames_to_input, masks_to_target
+from segpipe import losses
+from segpipe.data import TileCrops, TrainingSet, load_samples, training_set, validation_batches
+from segpipe.errors import StoreError
+from segpipe.preprocess import frames_to_input, masks_to_target, resize
 from segpipe.splits import make_split
 from segpipe.store import CaseStore
 from segpipe.train import fit, load_model, new_model, next_batches
@@ -122,6 +124,41 @@ def test_batches_visit_every_sample_equally_often_across_steps():
     seen = torch.cat(list(next_batches(10, 4, steps=5, generator=torch.Generator().manual_seed(0))))
     assert len(seen) == 20 and torch.bincount(seen, minlength=10).tolist() == [2] * 10
 
+
+
+def test_whole_frames_are_the_kept_frames_of_each_case_normalised_and_resized(tmp_path):
+    rng = np.random.default_rng(2)
+    images = CaseStore.create(tmp_path / "v.zarr", dataset="v", classes=["a", "b"])
+    labels = CaseStore.create(tmp_path / "v_labels.zarr", dataset="v", classes=["a", "b"])
+    videos = {c: (rng.integers(0, 255, (5, 40, 50), dtype=np.uint8), rng.integers(0, 2, (5, 2, 40, 50), dtype=np.uint8))
+              for c in ("v0", "v1", "v2")}
+    for case_id, (frames, masks) in videos.items():
+        for store in (images, labels):
+            store.write_case(case_id, {"kind": "video"})
+        images.write_array(case_id, "image", frames)
+        labels.write_array(case_id, "mask", masks)
+    labels.write_array("v1", "keep", np.array([0, 1, 0, 0, 1], np.uint8))  # pseudo-labels: frames 1 and 4 trusted
+    labels.write_array("v2", "keep", np.zeros(5, np.uint8))  # none trusted: the case adds nothing
+    data = DatasetConfig(raw="unused", in_channels=1, image_size=(32, 32))
+    x, y = load_samples(images, labels, ["v0", "v1", "v2"], data.image_size, data.in_channels)
+    frames = np.concatenate([videos["v0"][0], videos["v1"][0][[1, 4]]])
+    masks = np.concatenate([videos["v0"][1], videos["v1"][1][[1, 4]]])
+    assert torch.equal(x, resize(frames_to_input(frames, 1), (32, 32)))
+    assert torch.equal(y, masks_to_target(masks, (32, 32)).to(torch.uint8))
+    with pytest.raises(StoreError, match=r"v\.zarr: case 'v0' has no 'mask' array"):
+        load_samples(images, images, ["v0"], data.image_size, data.in_channels)
+    with pytest.raises(StoreError, match="no case 'v9'"):
+        load_samples(images, labels, ["v0", "v9"], data.image_size, data.in_channels)
+
+
+def test_a_batch_of_whole_frames_is_the_indexed_samples_with_their_weight_maps(disc_stores):
+    train, _ = _data(disc_stores)
+    idx = torch.tensor([3, 0, 3, 7])
+    weight_map = losses.build("unet_weighted").weight_map
+    x, y, w = train.batch(idx, torch.Generator(), weight_map)
+    assert torch.equal(x, torch.stack([train.source.x[i] for i in idx]))
+    assert torch.equal(y, torch.stack([train.source.y[i] for i in idx]).float())
+    assert torch.equal(w, torch.stack([torch.from_numpy(weight_map(train.source.y[i].numpy())) for i in idx]))
 
 # --- tiled training: random crops of large images, read from Zarr ---------------------------------------
 
