@@ -23,7 +23,7 @@ import torch
 
 from segpipe.config import DatasetConfig
 from segpipe.errors import ConfigError
-from segpipe.preprocess import frames_to_input, masks_to_target, resize
+from segpipe.preprocess import frames_to_input, image_channels, image_statistics, masks_to_target, resize
 from segpipe.store import CASES_IN_FLIGHT, CaseStore, labelled_frames, read_labelled_cases
 
 # Edge of one foreground cell (at tile_scale) as a fraction of the crop's edge: small enough that a
@@ -137,16 +137,13 @@ class TileCrops:
 
     def _index(self, case_id: str, frame: int | None, cell: int) -> TileCase:
         pixels = np.asarray(self.images.array(case_id, "image")[_frame_index(frame)])
-        channels = pixels.shape[2] if pixels.ndim == 3 else 1
-        if channels != self.in_channels:
-            raise ConfigError(
-                f"{self.images.path}: case {case_id!r} has {channels} image channels, in_channels is "
-                f"{self.in_channels}; tiled training (tile_scale) needs them equal"
-            )
-        whole = torch.from_numpy(pixels).double()  # the statistics frames_to_input takes over the frame
+        try:
+            mean, std = image_statistics(pixels, self.in_channels, len(pixels))
+        except ValueError as exc:
+            raise ConfigError(f"{self.images.path}: case {case_id!r}: {exc} (in_channels)") from None
         masks = scaled_masks(self.labels, case_id, frame, self.scale)
         return TileCase(
-            case_id, frame, pixels.shape[0], pixels.shape[1], float(whole.mean()), float(whole.std()),
+            case_id, frame, pixels.shape[0], pixels.shape[1], mean, std,
             np.packbits(masks, axis=-1), masks.shape[-1], _foreground_cells(masks, cell), cell,
         )
 
@@ -177,9 +174,8 @@ class TileCrops:
         y0, x0 = round(r0 / self.scale), round(c0 / self.scale)
         ys, xs = slice(max(y0, 0), min(y0 + eh, case.height)), slice(max(x0, 0), min(x0 + ew, case.width))
         pixels = self.images.array(case.case_id, "image")[_frame_index(case.frame) + (ys, xs)]
-        pixels = torch.from_numpy(np.asarray(pixels)).float()
-        pixels = pixels.permute(2, 0, 1) if pixels.ndim == 3 else pixels[None]
-        x = torch.zeros((pixels.shape[0], eh, ew))
+        pixels = image_channels(np.asarray(pixels), self.in_channels)
+        x = torch.zeros((self.in_channels, eh, ew))
         x[:, ys.start - y0 : ys.stop - y0, xs.start - x0 : xs.stop - x0] = (pixels - case.mean) / (case.std + 1e-6)
 
         (h, w), height = self.size, case.mask_bits.shape[1]

@@ -36,7 +36,7 @@ from torch import nn
 from segpipe.atomic import atomic_dir
 from segpipe.config import InferConfig, tile_extent
 from segpipe.errors import StoreError
-from segpipe.preprocess import frames_to_input, match_channels, resize, to_float16
+from segpipe.preprocess import frames_to_input, image_channels, image_statistics, resize, to_float16
 from segpipe.store import CaseStore, frames_of
 from segpipe.tiling import BandBlender, Grid, importance_map, row_bands
 from segpipe.train import load_model
@@ -103,23 +103,6 @@ def predict_frames(
     return out
 
 
-def _channels(band: np.ndarray, in_channels: int) -> torch.Tensor:
-    """(h, w[, C]) integer pixels -> (in_channels, h, w) float32, channels matched as frames_to_input does."""
-    return match_channels(torch.from_numpy(np.ascontiguousarray(band)).float()[None], in_channels)[0]
-
-
-def image_statistics(image: Array, in_channels: int, rows: int) -> tuple[float, float]:
-    """Mean and (unbiased) std of the whole image as the model sees it, read `rows` rows at a time."""
-    total = squares = count = 0.0
-    for r in range(0, image.shape[0], rows):
-        x = _channels(image[r : r + rows], in_channels).double()
-        total += x.sum().item()
-        squares += x.square().sum().item()
-        count += x.numel()
-    mean = total / count
-    return mean, max(squares - count * mean * mean, 0.0) ** 0.5 / max(count - 1, 1) ** 0.5
-
-
 def _padded_band(image: Array, grid: Grid, y: int) -> np.ndarray:
     """Image rows of the tile row starting at padded row `y`, mirror-padded where the image is smaller than a tile."""
     (top, bottom), (left, right) = grid.pad
@@ -135,7 +118,7 @@ def _tiles(image: Array, grid: Grid, rows: tuple[int, int], in_channels: int, st
     """(y, x, (C, h, w) normalised tile) in raster order, one band of image rows read per tile row."""
     mean, std = stats
     for y in grid.tile_rows_for(rows):
-        band = (_channels(_padded_band(image, grid, y), in_channels) - mean) / (std + 1e-6)
+        band = (image_channels(_padded_band(image, grid, y), in_channels) - mean) / (std + 1e-6)
         for x in grid.xs:
             yield y, x, band[:, :, x : x + grid.tile[1]]
 

@@ -2,6 +2,8 @@
 normalisation and resizing, shared by training and inference so both see the same input."""
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -29,6 +31,26 @@ def match_channels(x: torch.Tensor, in_channels: int) -> torch.Tensor:
     if x.shape[1] == 1:
         return x.expand(-1, in_channels, -1, -1)
     raise ValueError(f"cannot turn {x.shape[1]} image channels into {in_channels}")
+
+
+def image_channels(pixels: np.ndarray, in_channels: int) -> torch.Tensor:
+    """(h, w[, C]) integer pixels of one image -> (in_channels, h, w) float32, channels matched as
+    frames_to_input matches them."""
+    return match_channels(torch.from_numpy(np.ascontiguousarray(pixels)).float()[None], in_channels)[0]
+
+
+def image_statistics(image: Any, in_channels: int, rows: int) -> tuple[float, float]:
+    """Mean and (unbiased) std of a whole (H, W[, C]) image (numpy or Zarr) as the model sees it: the
+    statistics frames_to_input z-scores a frame with, read `rows` rows at a time so that an image
+    larger than memory never is read whole. In float64, so a 2048^2 sum loses nothing."""
+    total = squares = count = 0.0
+    for r in range(0, image.shape[0], rows):
+        x = image_channels(image[r : r + rows], in_channels).double()
+        total += x.sum().item()
+        squares += x.square().sum().item()
+        count += x.numel()
+    mean = total / count
+    return mean, max(squares - count * mean * mean, 0.0) ** 0.5 / max(count - 1, 1) ** 0.5
 
 
 def resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
