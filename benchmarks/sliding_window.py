@@ -9,10 +9,14 @@ after it (a 3-class MONAI UNet, one thread):
     tiled_<n>   segpipe.infer.predict_store on an n x n uint8 Zarr image (chunks 512), written to a
                 prediction store: time and peak RSS, n = small and large
     monai       the small image read into memory, MONAI sliding_window_inference (same roi, overlap,
-                gaussian blending, sw_batch_size), sigmoid, float16 and written to a store: the same work
-    forward     the model's forward pass alone on the same tiles, same batch size
+                gaussian blending, sw_batch_size), sigmoid, float16 and written to a store: the same
+                work, with glibc malloc as a MONAI script gets it
+    monai_tuned the same with malloc tuned as segpipe tunes it (segpipe.malloc), to show how much of
+                the difference that tuning makes
+    forward     the model's forward pass alone on the same tiles, same batch size, malloc tuned: the
+                fastest this model runs these tiles
 Ratios: ratio_vs_forward = forward time / tiled time (1.0: tiling costs nothing beyond the model);
-speed_ratio_vs_monai = MONAI time / tiled time; rss_ratio_vs_monai = tiled RSS / MONAI RSS;
+speed_ratio_vs_monai = MONAI time / tiled time (and speed_ratio_vs_monai_tuned); rss_ratio_vs_monai = tiled RSS / MONAI RSS;
 rss_ratio_8192_vs_2048 = large RSS / small RSS (flat memory: close to 1).
 """
 from __future__ import annotations
@@ -32,6 +36,7 @@ from monai.inferers import sliding_window_inference
 
 from segpipe.config import InferConfig
 from segpipe.infer import cached_model, predict_store
+from segpipe.malloc import keep_freed_memory
 from segpipe.preprocess import frames_to_input, to_float16
 from segpipe.store import CaseStore
 from segpipe.tiling import Grid
@@ -83,13 +88,15 @@ def cold_then_timed(fn, repeats: int) -> dict:
 
 def child(kind: str, root: Path, size: int, repeats: int) -> dict:
     torch.set_num_threads(1)
+    if kind in ("forward", "monai_tuned"):  # the tiled run tunes it itself, in predict_store
+        keep_freed_memory()
     model, meta = cached_model(root / "model.pt", "cpu")
     tile = tuple(meta["image_size"])
     images = CaseStore(root / f"image{size}.zarr")
     if kind == "tiled":
         def run():
             predict_store(root / "model.pt", images, {"case": "test"}, root / f"pred{size}.zarr", CFG)
-    elif kind == "monai":
+    elif kind in ("monai", "monai_tuned"):
         def run():
             x = frames_to_input(images.array("case", "image")[:][None], 1)
             with torch.inference_mode():
@@ -123,8 +130,8 @@ def main() -> None:
     p.add_argument("--model-size", type=int, default=256)
     p.add_argument("--small", type=int, default=2048)
     p.add_argument("--large", type=int, default=8192)
-    p.add_argument("--repeats", type=int, default=2, help="timings are the best of this many runs")
-    p.add_argument("--child", choices=["tiled", "monai", "forward"], help=argparse.SUPPRESS)
+    p.add_argument("--repeats", type=int, default=3, help="timings are the best of this many runs")
+    p.add_argument("--child", choices=["tiled", "monai", "monai_tuned", "forward"], help=argparse.SUPPRESS)
     p.add_argument("--root", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--size", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -137,6 +144,7 @@ def main() -> None:
         small = measure("tiled", root, args.small, args.repeats)
         large = measure("tiled", root, args.large, 0)
         monai = measure("monai", root, args.small, args.repeats)
+        monai_tuned = measure("monai_tuned", root, args.small, args.repeats)
         forward = measure("forward", root, args.small, args.repeats)
     mpx = args.small**2 / 1e6
     print(json.dumps({
@@ -146,6 +154,7 @@ def main() -> None:
         "monai_mpx_per_s": round(mpx / monai["seconds"], 3),
         "ratio_vs_forward": round(forward["seconds"] / small["seconds"], 3),
         "speed_ratio_vs_monai": round(monai["seconds"] / small["seconds"], 3),
+        "speed_ratio_vs_monai_tuned": round(monai_tuned["seconds"] / small["seconds"], 3),
         "rss_mb_small": round(small["peak_rss_mb"], 1), "rss_mb_large": round(large["peak_rss_mb"], 1),
         "rss_mb_monai": round(monai["peak_rss_mb"], 1), "rss_mb_forward": round(forward["peak_rss_mb"], 1),
         "rss_ratio_vs_monai": round(small["peak_rss_mb"] / monai["peak_rss_mb"], 3),

@@ -36,6 +36,7 @@ from torch import nn
 from segpipe.atomic import atomic_dir
 from segpipe.config import InferConfig, tile_extent
 from segpipe.errors import StoreError
+from segpipe.malloc import keep_freed_memory
 from segpipe.preprocess import frames_to_input, image_channels, image_statistics, resize, to_float16
 from segpipe.store import CaseStore, frames_of
 from segpipe.tiling import BandBlender, Grid, importance_map, row_bands
@@ -192,6 +193,7 @@ def cached_model(checkpoint: Path | str, device: str) -> tuple[nn.Module, dict[s
 
 def run_job(job: Job) -> str:
     """Predict one case (or band) of `job.images` into the already laid-out store at `job.out`."""
+    keep_freed_memory()
     model, meta = cached_model(job.checkpoint, job.device)
     images, out = CaseStore(job.images), CaseStore(job.out, mode="r+")
     image, video = images.array(job.case_id, "image"), images.is_video(job.case_id)

@@ -76,8 +76,9 @@ class BandBlender:
     """Weighted sum of tile logits over a band of rows, tiles added in raster order.
 
     Rows above the current tile row are final; they are normalised, passed to `emit(r0, r1, logits)`
-    (image rows, padding cropped) in runs that end on a `chunk` boundary, and dropped. The buffer
-    thus spans about one tile plus one chunk of rows, whatever the image height.
+    (image rows, padding cropped; a view into the buffer, valid during the call) in runs that end on
+    a `chunk` boundary, and dropped. The buffer is allocated once, one tile plus one chunk of rows
+    (what can be pending at once), whatever the image height.
     """
 
     def __init__(self, grid: Grid, rows: tuple[int, int], classes: int, weight: torch.Tensor, chunk: int,
@@ -87,18 +88,15 @@ class BandBlender:
         self.top = grid.pad[0][0]  # padded row of image row 0
         self.base = rows[0] + self.top  # padded row of the buffer's first row
         self.done = rows[0]  # next image row to emit
-        self.acc = torch.zeros(classes, 0, grid.padded_width)
-        self.wsum = torch.zeros(1, 0, grid.padded_width)
+        capacity = grid.tile[0] + chunk
+        self.acc = torch.zeros(classes, capacity, grid.padded_width)
+        self.wsum = torch.zeros(1, capacity, grid.padded_width)
 
     def add(self, y: int, x: int, logits: torch.Tensor) -> None:
         """Blend one tile's (K, h, w) logits in at padded position (y, x)."""
         self._finish_above(y)
         h, w = self.grid.tile
         lo = max(y, self.base)  # a tile may start above this band's first row
-        need = y + h - self.base - self.acc.shape[1]
-        if need > 0:
-            self.acc = torch.cat([self.acc, self.acc.new_zeros(self.acc.shape[0], need, self.acc.shape[2])], 1)
-            self.wsum = torch.cat([self.wsum, self.wsum.new_zeros(1, need, self.wsum.shape[2])], 1)
         rows = slice(lo - self.base, y + h - self.base)
         self.acc[:, rows, x : x + w].addcmul_(logits[:, lo - y :], self.weight[lo - y :])
         self.wsum[:, rows, x : x + w] += self.weight[lo - y :]
@@ -113,6 +111,10 @@ class BandBlender:
             return
         n = end + self.top - self.base
         left, right = self.grid.pad[1][0], self.grid.pad[1][0] + self.grid.shape[1]
-        self.emit(self.done, end, self.acc[:, :n, left:right] / self.wsum[:, :n, left:right])
-        self.acc, self.wsum = self.acc[:, n:].clone(), self.wsum[:, n:].clone()
+        # Normalised in place: these rows are dropped next, and a band of a wide image is large.
+        self.emit(self.done, end, self.acc[:, :n, left:right].div_(self.wsum[:, :n, left:right]))
+        for buffer in (self.acc, self.wsum):  # the pending rows move to the top, the rest is cleared
+            kept = buffer.shape[1] - n
+            buffer[:, :kept] = buffer[:, n:].clone()
+            buffer[:, kept:] = 0
         self.base, self.done = end + self.top, end

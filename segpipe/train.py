@@ -26,6 +26,7 @@ from segpipe import losses, models
 from segpipe.config import TrainConfig
 from segpipe.data import TrainingSet
 from segpipe.errors import ConfigError
+from segpipe.malloc import keep_freed_memory
 from segpipe.metrics import confusion, scores
 
 log = logging.getLogger(__name__)
@@ -216,6 +217,7 @@ def fit(
     an uninterrupted run gives. `progress(done_steps, total_steps)` is called after every step.
     """
     seed_everything(cfg.seed)
+    keep_freed_memory()
     model.to(device)
     amp = cfg.amp and device.type == "cuda"
     loss_fn = losses.build(cfg.loss, cfg.loss_options)
