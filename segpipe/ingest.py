@@ -315,13 +315,9 @@ def _write(store: CaseStore, case: RawCase, data: CaseData, hashes: list[str], r
     }
     if case.label is not None:
         attrs.update(label_source=_relative(case.label, raw), label_sha256=hashes[1])
-    store.write_case(case.case_id, attrs)
-    sizes = {"chunk": cfg.chunk, "frames": cfg.video_chunk_frames}
-    store.write_array(case.case_id, "image", data.image, **sizes)
-    if data.mask is not None:
-        store.write_array(case.case_id, "mask", data.mask, **sizes)
-    for name, array in data.arrays.items():
-        store.write_array(case.case_id, name, array, **sizes)
+    masks = {} if data.mask is None else {"mask": data.mask}
+    store.write_case(case.case_id, attrs, {"image": data.image, **masks, **data.arrays}, cfg.chunk,
+                     cfg.video_chunk_frames)
 
 
 def _relative(path: Path, raw: Path) -> str:

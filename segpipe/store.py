@@ -108,10 +108,20 @@ class CaseStore:
     def _no_array(self, case_id: str, name: str) -> str:
         return f"{self.path}: case {case_id!r} has no {name!r} array"
 
-    def write_case(self, case_id: str, attrs: dict[str, Any]) -> zarr.Group:
-        """Create (or replace) a case group with its attrs."""
+    def write_case(self, case_id: str, attrs: dict[str, Any], arrays: dict[str, np.ndarray] | None = None,
+                   chunk: int = 512, frames: int = 16) -> None:
+        """Create (or replace) a case group with its attrs and, where given, its whole arrays (see
+        write_array), all in one round trip to zarr (each is a hop to zarr's event loop and file
+        threads: a Kvasir case took 17 ms written call by call, 13 ms in one trip)."""
+        sync(self._write_case(case_id, attrs, arrays or {}, chunk, frames))
+
+    async def _write_case(self, case_id: str, attrs: dict[str, Any], arrays: dict[str, np.ndarray],
+                          chunk: int, frames: int) -> None:
         # Attrs given at creation: one metadata write (attrs.update rewrites zarr.json once per key).
-        return self.root.create_group(case_id, overwrite=True, attributes={"case_id": case_id, **attrs})
+        group = await self.root._async_group.create_group(case_id, overwrite=True,
+                                                          attributes={"case_id": case_id, **attrs})
+        kind = attrs.get("kind", IMAGE)
+        await _gather(_write_array(group, name, data, kind, chunk, frames) for name, data in arrays.items())
 
     def link_case(self, source: CaseStore, case_id: str) -> None:
         """Add `source`'s case to this store by hard-linking its files (copying them only where the
@@ -126,12 +136,8 @@ class CaseStore:
     ) -> zarr.Array:
         """Write one whole array of a case, chunked and sharded as the layout prescribes."""
         group = self.case(case_id)
-        chunks = default_chunks(name, data.shape, group.attrs.get("kind", IMAGE), chunk, frames)
-        shards = tuple(-(-s // c) * c for s, c in zip(data.shape, chunks))  # whole array, chunk-aligned
-        # Empty chunks are written too: the array is one shard file anyway, so leaving them out saves
-        # a few bytes inside it, while finding them scans every chunk (about half of ingest's write time).
-        return group.create_array(name, data=data, chunks=chunks, shards=shards, compressors=COMPRESSOR,
-                                  overwrite=True, config={"write_empty_chunks": True})
+        kind = group.attrs.get("kind", IMAGE)
+        return zarr.Array(sync(_write_array(group._async_group, name, data, kind, chunk, frames)))
 
     def create_banded(self, case_id: str, name: str, shape: tuple[int, ...], dtype: str, video: bool,
                       band: int) -> zarr.Array:
@@ -170,6 +176,16 @@ def read_labelled_cases(
         for frames, masks in sync(_gather(_read_labelled(images, labels, *roots, c) for c in batch)):
             if len(frames):
                 yield frames, masks
+
+
+async def _write_array(group: zarr.AsyncGroup, name: str, data: np.ndarray, kind: str, chunk: int,
+                       frames: int) -> zarr.AsyncArray:
+    chunks = default_chunks(name, data.shape, kind, chunk, frames)
+    shards = tuple(-(-s // c) * c for s, c in zip(data.shape, chunks))  # whole array, chunk-aligned
+    # Empty chunks are written too: the array is one shard file anyway, so leaving them out saves
+    # a few bytes inside it, while finding them scans every chunk (about half of ingest's write time).
+    return await group.create_array(name, data=data, chunks=chunks, shards=shards, compressors=COMPRESSOR,
+                                    overwrite=True, config={"write_empty_chunks": True})
 
 
 async def _gather(coroutines: Iterator[Any]) -> list[Any]:
