@@ -87,7 +87,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=15)
     p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--repeats", type=int, default=2, help="alternating runs of each; the fastest counts")
+    p.add_argument("--repeats", type=int, default=3, help="alternating runs of each; the fastest counts")
     args = p.parse_args()
 
     params = load_params(ROOT / "params.yaml")
