@@ -38,7 +38,7 @@ from segpipe.config import InferConfig, tile_extent
 from segpipe.errors import StoreError
 from segpipe.malloc import keep_freed_memory
 from segpipe.preprocess import frames_to_input, image_channels, image_statistics, resize, to_float16
-from segpipe.store import CaseStore, frames_of
+from segpipe.store import CaseStore, WritesBehind, frames_of
 from segpipe.tiling import BandBlender, Grid, importance_map, row_bands
 from segpipe.train import load_model
 
@@ -155,17 +155,19 @@ def predict_tiled(
     rows = rows or (0, image.shape[0])
     stats = image_statistics(image, meta["in_channels"], chunk)
 
-    def emit(r0: int, r1: int, logits: torch.Tensor) -> None:
-        out[:, r0:r1] = to_probabilities(logits)
+    with WritesBehind(out) as writes:
 
-    blender = BandBlender(grid, rows, len(meta["classes"]), importance_map(extent, cfg.mode), chunk, emit)
-    for batch in _batches(_tiles(image, grid, rows, meta["in_channels"], stats), cfg.batch_size):
-        x = resize(torch.stack([tile for _, _, tile in batch]), size)
-        logits = tta_logits(model, x.to(device), cfg.tta_flips()).cpu()
-        for (y, x0, _), tile_logits in zip(batch, logits):
-            # Back to full resolution one tile at a time: a batch of 29-class tiles would be large.
-            blender.add(y, x0, resize(tile_logits[None], extent)[0])
-    blender.close()
+        def emit(r0: int, r1: int, logits: torch.Tensor) -> None:
+            writes.write((slice(None), slice(r0, r1)), to_probabilities(logits))
+
+        blender = BandBlender(grid, rows, len(meta["classes"]), importance_map(extent, cfg.mode), chunk, emit)
+        for batch in _batches(_tiles(image, grid, rows, meta["in_channels"], stats), cfg.batch_size):
+            x = resize(torch.stack([tile for _, _, tile in batch]), size)
+            logits = tta_logits(model, x.to(device), cfg.tta_flips()).cpu()
+            for (y, x0, _), tile_logits in zip(batch, logits):
+                # Back to full resolution one tile at a time: a batch of 29-class tiles would be large.
+                blender.add(y, x0, resize(tile_logits[None], extent)[0])
+        blender.close()
 
 
 @dataclass(frozen=True)

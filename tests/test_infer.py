@@ -15,7 +15,7 @@ from segpipe.infer import predict_frames, predict_store, predict_tiled, to_proba
 from segpipe.ingest import ingest
 from segpipe.parallel import dask_client
 from segpipe.preprocess import frames_to_input
-from segpipe.store import CaseStore
+from segpipe.store import CaseStore, WritesBehind
 from segpipe.tiling import window_starts
 from segpipe.train import fit, new_model, save_checkpoint
 from tests.conftest import SHARED_DATA, needs_shared_data
@@ -191,3 +191,16 @@ def test_real_hand_xray_is_ingested_and_predicted_tile_by_tile(tmp_path, client)
     for c in (0, 28):
         channel = prob[c].astype(np.float32)
         assert 0 <= channel.min() and channel.max() <= 1
+
+
+def test_writes_behind_land_in_zarr_and_a_failed_write_is_raised(tmp_path):
+    store = CaseStore.create(tmp_path / "p.zarr", dataset="t", classes=["a", "b"])
+    store.write_case("c", {"kind": "image"})
+    out = store.create_banded("c", "prob", (2, 64, 40), "float16", False, 16)
+    bands = np.random.default_rng(0).random((2, 64, 40)).astype(np.float16)
+    with WritesBehind(out) as writes:
+        for r in range(0, 64, 16):
+            writes.write((slice(None), slice(r, r + 16)), bands[:, r : r + 16])
+    assert np.array_equal(store.array("c", "prob")[:], bands)
+    with pytest.raises(ValueError), WritesBehind(out) as writes:
+        writes.write((slice(None), slice(0, 16)), bands[:, :8])  # 8 rows into 16
