@@ -1,6 +1,6 @@
 """Training throughput: segpipe's fit loop against a bare PyTorch/MONAI loop, same model, batch and data.
 
-    python -m benchmarks.train_throughput [--cases 48] [--size 128] [--batch 8] [--steps 15] [--epochs 3]
+    python -m benchmarks.train_throughput [--cases 48] [--size 128] [--batch 8] [--steps N] [--epochs 3]
 
 Ours: `segpipe.train.fit` on `segpipe.data.training_set` reading a real Zarr store (whole-frame
 mode: resized once, cached), seeded sampling, BCE+Dice, AdamW + cosine, top-k checkpoints,
@@ -85,15 +85,16 @@ def main() -> None:
     p.add_argument("--cases", type=int, default=48)
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--steps", type=int, default=15)
+    p.add_argument("--steps", type=int, help="steps per epoch (default: train.steps_per_epoch of params.yaml)")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--repeats", type=int, default=3, help="alternating runs of each; the fastest counts")
     args = p.parse_args()
 
     params = load_params(ROOT / "params.yaml")
     device = resolve_device(params.device)
+    steps = args.steps or params.train.steps_per_epoch  # per-epoch costs weigh as in a real run
     cfg = params.train.model_copy(update={
-        "epochs": args.epochs, "steps_per_epoch": args.steps, "batch_size": args.batch, "patience": args.epochs,
+        "epochs": args.epochs, "steps_per_epoch": steps, "batch_size": args.batch, "patience": args.epochs,
         "per_dataset": {},
     })
     data = DatasetConfig(raw=Path("unused"), in_channels=3, image_size=(args.size, args.size))
@@ -126,11 +127,11 @@ def main() -> None:
             times["ours"].append(timed(lambda: ours(None, f"plain{r}")))
             times["ours_augment"].append(timed(lambda: ours(kvasir_augment, f"augment{r}")))
 
-    samples = args.epochs * args.steps * args.batch
+    samples = args.epochs * steps * args.batch
     rate = {k: samples / min(v) for k, v in times.items()}
     print(json.dumps({
         "benchmark": "train_throughput", "device": str(device), "torch_threads": torch.get_num_threads(),
-        "image_size": args.size, "batch": args.batch, "steps": args.epochs * args.steps, "augment": False,
+        "image_size": args.size, "batch": args.batch, "steps": args.epochs * steps, "augment": False,
         "validation": "each epoch, in both", "samples_per_s_ours": round(rate["ours"], 2),
         "samples_per_s_bare": round(rate["bare"], 2), "ratio_vs_bare_loop": round(rate["ours"] / rate["bare"], 3),
         "samples_per_s_ours_augment": round(rate["ours_augment"], 2),
