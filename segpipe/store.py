@@ -10,10 +10,11 @@ Layout of a store `<name>.zarr`:
         <other> any per-case array (e.g. frame timestamps, pseudo-label confidence)
 
 Every array is written in one go, chunked for partial reads and sharded (one shard file per
-array) so a large dataset stays a few files per case for DVC to hash; arrays filled piece by piece
-(predictions, ensembles) have one shard per band instead (CaseStore.create_banded). Per-class
-arrays keep all classes of a tile in one chunk: every reader takes all classes, and a 29-class
-mask in 464 single-class chunks cost zarr more than twice the time of 16 all-class ones.
+array; an array of one chunk is left unsharded, one file anyway) so a large dataset stays a few
+files per case for DVC to hash; arrays filled piece by piece (predictions, ensembles) have one
+file per band instead (CaseStore.create_banded). Per-class arrays keep all classes of a tile in
+one chunk: every reader takes all classes, and a 29-class mask in 464 single-class chunks cost
+zarr more than twice the time of 16 all-class ones.
 
 Compression is Blosc-LZ4 (zarr v2's default), not zarr v3's zstd: on the Kvasir images zstd took
 longer to compress a case (6.2 ms) than to decode its JPEG (3.8 ms), LZ4 0.8 ms, for 1.3x the bytes.
@@ -141,12 +142,12 @@ class CaseStore:
 
     def create_banded(self, case_id: str, name: str, shape: tuple[int, ...], dtype: str, video: bool,
                       band: int) -> zarr.Array:
-        """An empty array to fill band by band, one shard file per band: `band` frames of a (T, ...)
-        video (one chunk), or `band` rows of a (..., H, W) image (band x band chunks, all channels,
-        full width). Writers of different bands never touch the same file, and a whole band is
-        written without reading anything back."""
+        """An empty array to fill band by band, one file per band: `band` frames of a (T, ...) video
+        (one chunk, unsharded), or `band` rows of a (..., H, W) image (one shard of band x band
+        chunks, all channels, full width). Writers of different bands never touch the same file,
+        and a whole band is written without reading anything back."""
         chunks = default_chunks(name, shape, VIDEO if video else IMAGE, band, band)
-        shards = chunks if video else tuple(shape[:-2]) + (chunks[-2], -(-shape[-1] // chunks[-1]) * chunks[-1])
+        shards = None if video else tuple(shape[:-2]) + (chunks[-2], -(-shape[-1] // chunks[-1]) * chunks[-1])
         return self.case(case_id).create_array(name, shape=shape, dtype=dtype, chunks=chunks, shards=shards,
                                                compressors=COMPRESSOR, fill_value=0, overwrite=True)
 
@@ -215,7 +216,9 @@ def read_labelled_cases(
 async def _write_array(group: zarr.AsyncGroup, name: str, data: np.ndarray, kind: str, chunk: int,
                        frames: int) -> zarr.AsyncArray:
     chunks = default_chunks(name, data.shape, kind, chunk, frames)
-    shards = tuple(-(-s // c) * c for s, c in zip(data.shape, chunks))  # whole array, chunk-aligned
+    # One shard for the whole array (chunk-aligned); none where one chunk is the whole array anyway:
+    # the shard's index and per-chunk work cost more than writing a small array itself.
+    shards = None if chunks == data.shape else tuple(-(-s // c) * c for s, c in zip(data.shape, chunks))
     # Empty chunks are written too: the array is one shard file anyway, so leaving them out saves
     # a few bytes inside it, while finding them scans every chunk (about half of ingest's write time).
     return await group.create_array(name, data=data, chunks=chunks, shards=shards, compressors=COMPRESSOR,

@@ -174,8 +174,8 @@ def test_videos_processed_in_batches_equal_whole(tmp_path):
     for name in ("prob", "mask"):
         assert np.array_equal(a.array("t", name)[:], b.array("t", name)[:])
     assert a.array("t", "prob").shape == (10, 2, 9, 9) and a.array("t", "mask").dtype == np.uint8
-    # One shard per batch of frames, so no batch's write reads or rewrites another's.
-    assert b.array("t", "prob").shards == b.array("t", "mask").shards == (3, 2, 9, 9)
+    # One chunk (one file) per batch of frames, so no batch's write reads or rewrites another's.
+    assert b.array("t", "prob").chunks == b.array("t", "mask").chunks == (3, 2, 9, 9)
 
 
 def test_images_processed_in_chunk_rows_equal_whole(tmp_path):
