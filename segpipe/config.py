@@ -78,8 +78,8 @@ class IngestConfig(Section):
     chunk: int = Field(512, ge=16, description="spatial chunk edge of large images")
     video_chunk_frames: int = Field(16, ge=1)
     max_in_flight: int | None = Field(
-        None, ge=1, description="cases queued or being decoded at once, which bounds memory; None: 2 per Dask "
-        "worker thread",
+        None, ge=1, description="cases queued or being decoded at once; None: 4 per Dask worker thread (a queued "
+        "case holds no pixels: memory holds one case per thread)",
     )
 
 

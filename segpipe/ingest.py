@@ -48,6 +48,7 @@ LAYOUT_PARAMS = ("chunk", "video_chunk_frames")  # the ingest params that shape 
 _END = object()
 # Cases hashed per task on a rerun: hashing a file is far quicker than a task's round trip.
 HASH_BATCH = 32
+IN_FLIGHT_PER_THREAD = 4  # see in_flight_limit
 
 
 @dataclass
@@ -147,9 +148,12 @@ def _ingest_all(client: Client, cases: list[RawCase], store: CaseStore, raw: Pat
 
 
 def in_flight_limit(cfg: IngestConfig, client: Client) -> int:
-    """Cases submitted at once: by default two per worker thread, so each thread has its next case
-    queued while it decodes one, and memory holds a few cases whatever the dataset size."""
-    return cfg.max_in_flight or 2 * sum(client.nthreads().values())
+    """Cases submitted at once: by default IN_FLIGHT_PER_THREAD per worker thread. A queued case
+    holds no pixels (a thread decodes one case at a time, and a finished one returns only its
+    hashes), so memory holds a case per thread whatever the dataset size, while the queue keeps
+    threads busy across the round trips to the client: with 4 instead of 2, Kvasir ingest went
+    from 42-49 to 63 images/s on 2 workers."""
+    return cfg.max_in_flight or IN_FLIGHT_PER_THREAD * sum(client.nthreads().values())
 
 
 def map_bounded(client: Client, fn: Callable[..., Any], items: Iterable[Any], limit: int,
