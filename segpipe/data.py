@@ -24,7 +24,7 @@ import torch
 from segpipe.config import DatasetConfig
 from segpipe.errors import ConfigError
 from segpipe.preprocess import frames_to_input, image_channels, image_statistics, masks_to_target, resize
-from segpipe.store import CASES_IN_FLIGHT, CaseStore, labelled_frames, read_labelled_cases
+from segpipe.store import CaseStore, labelled_frames, read_labelled_cases
 
 # Edge of one foreground cell (at tile_scale) as a fraction of the crop's edge: small enough that a
 # cell lies inside any crop centred in it, coarse enough that the map stays a few hundred cells.
@@ -42,7 +42,8 @@ def load_samples(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Stack every labelled frame of the cases: x (N, in_channels, h, w) float32, y (N, K, h, w) uint8 0/1.
 
-    CASES_IN_FLIGHT cases are read at a time, so memory holds the resized dataset plus that many full-size cases.
+    store.CASES_IN_FLIGHT cases are read at a time, so memory holds the resized dataset plus that many
+    full-size cases.
     """
     xs, ys = [], []
     for frames, masks in read_labelled_cases(images, labels, case_ids):

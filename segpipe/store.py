@@ -30,7 +30,6 @@ from typing import Any
 
 import numpy as np
 import zarr
-from zarr.api.asynchronous import open_group
 from zarr.codecs import BloscCodec
 from zarr.core.sync import _get_loop, sync
 
@@ -205,7 +204,7 @@ def read_labelled_cases(
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(frames, masks) of each case, stacked as frames_of does and cut to its labelled_frames; cases
     with none are left out. All zarr calls of CASES_IN_FLIGHT cases are issued together (see there)."""
-    roots = sync(_gather(open_group(str(s.path), mode="r", zarr_format=3) for s in (images, labels)))
+    roots = images.root._async_group, labels.root._async_group  # the groups the stores already opened
     for start in range(0, len(case_ids), CASES_IN_FLIGHT):
         batch = case_ids[start : start + CASES_IN_FLIGHT]
         for frames, masks in sync(_gather(_read_labelled(images, labels, *roots, c) for c in batch)):
