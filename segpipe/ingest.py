@@ -36,6 +36,7 @@ from distributed import Client, as_completed, wait
 
 import segpipe.datasets
 import segpipe.store
+import segpipe.zarr_files
 from segpipe.atomic import atomic_dir
 from segpipe.config import IngestConfig
 from segpipe.datasets import CaseData, RawCase, reader, sha256
@@ -240,7 +241,8 @@ def _root_attrs(attrs: dict[str, Any], report: IngestReport) -> dict[str, Any]:
 def _code_fingerprint(module: ModuleType) -> str:
     """sha256 of the sources that decide a case's stored bytes and attrs: a change to any of them
     (a reader fix, a new attr) must reach every case, not only the new ones."""
-    sources = [inspect.getsourcefile(m) for m in (module, segpipe.datasets, segpipe.store)] + [__file__]
+    sources = [inspect.getsourcefile(m) for m in (module, segpipe.datasets, segpipe.store, segpipe.zarr_files)]
+    sources.append(__file__)
     return ":".join(sha256(Path(source))[:16] for source in sources)
 
 

@@ -16,12 +16,14 @@ file per band instead (CaseStore.create_banded). Per-class arrays keep all class
 one chunk: every reader takes all classes, and a 29-class mask in 464 single-class chunks cost
 zarr more than twice the time of 16 all-class ones.
 
-Compression is Blosc-LZ4 (zarr v2's default), not zarr v3's zstd: on the Kvasir images zstd took
-longer to compress a case (6.2 ms) than to decode its JPEG (3.8 ms), LZ4 0.8 ms, for 1.3x the bytes.
+Case groups and whole arrays are written by segpipe.zarr_files: the very files zarr writes, without
+its per-call cost. Arrays filled band by band, and all reading, go through zarr.
+Compression is Blosc-LZ4 and chunk keys are "c.0.0" (see zarr_files, which sets both).
 """
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import shutil
 from collections.abc import Iterator
@@ -30,13 +32,13 @@ from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec
 from zarr.core.sync import _get_loop, sync
 
+from segpipe import zarr_files
 from segpipe.errors import StoreError
+from segpipe.zarr_files import CHUNK_KEY_ENCODING, COMPRESSOR
 
 IMAGE, VIDEO = "image", "video"
-COMPRESSOR = BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
 
 # Cases read_labelled_cases reads at once. Every synchronous zarr call is a hop to zarr's event loop
 # and its file threads, costing more than reading and decoding a Kvasir-sized image: one call at a
@@ -59,10 +61,17 @@ class CaseStore:
     """Read and write one segpipe Zarr store."""
 
     def __init__(self, path: Path | str, mode: str = "r"):
-        self.path = Path(path)
+        self.path, self.mode = Path(path), mode
         if mode == "r" and not (self.path / "zarr.json").exists():
             raise StoreError(f"{self.path}: not a Zarr store (no zarr.json)")
-        self.root = zarr.open_group(str(self.path), mode=mode, zarr_format=3)
+        if mode == "w":  # creates (or empties) the store now, not whenever it is first used
+            _ = self.root
+
+    @functools.cached_property
+    def root(self) -> zarr.Group:
+        """The root group, opened on first use: an ingest worker that only writes whole cases
+        (through zarr_files) then never pays zarr's open, a round trip per case."""
+        return zarr.open_group(str(self.path), mode=self.mode, zarr_format=3)
 
     @classmethod
     def create(cls, path: Path | str, dataset: str, classes: list[str], **attrs: Any) -> CaseStore:
@@ -111,17 +120,10 @@ class CaseStore:
     def write_case(self, case_id: str, attrs: dict[str, Any], arrays: dict[str, np.ndarray] | None = None,
                    chunk: int = 512, frames: int = 16) -> None:
         """Create (or replace) a case group with its attrs and, where given, its whole arrays (see
-        write_array), all in one round trip to zarr (each is a hop to zarr's event loop and file
-        threads: a Kvasir case took 17 ms written call by call, 13 ms in one trip)."""
-        sync(self._write_case(case_id, attrs, arrays or {}, chunk, frames))
-
-    async def _write_case(self, case_id: str, attrs: dict[str, Any], arrays: dict[str, np.ndarray],
-                          chunk: int, frames: int) -> None:
-        # Attrs given at creation: one metadata write (attrs.update rewrites zarr.json once per key).
-        group = await self.root._async_group.create_group(case_id, overwrite=True,
-                                                          attributes={"case_id": case_id, **attrs})
-        kind = attrs.get("kind", IMAGE)
-        await _gather(_write_array(group, name, data, kind, chunk, frames) for name, data in arrays.items())
+        write_array)."""
+        zarr_files.write_group(self.path / case_id, {"case_id": case_id, **attrs})
+        for name, data in (arrays or {}).items():
+            self._write_array(case_id, name, data, attrs.get("kind", IMAGE), chunk, frames)
 
     def link_case(self, source: CaseStore, case_id: str) -> None:
         """Add `source`'s case to this store by hard-linking its files (copying them only where the
@@ -135,9 +137,15 @@ class CaseStore:
         self, case_id: str, name: str, data: np.ndarray, chunk: int = 512, frames: int = 16
     ) -> zarr.Array:
         """Write one whole array of a case, chunked and sharded as the layout prescribes."""
-        group = self.case(case_id)
-        kind = group.attrs.get("kind", IMAGE)
-        return zarr.Array(sync(_write_array(group._async_group, name, data, kind, chunk, frames)))
+        self._write_array(case_id, name, data, self.case_attrs(case_id).get("kind", IMAGE), chunk, frames)
+        return self.array(case_id, name)
+
+    def _write_array(self, case_id: str, name: str, data: np.ndarray, kind: str, chunk: int, frames: int) -> None:
+        chunks = default_chunks(name, data.shape, kind, chunk, frames)
+        # One shard for the whole array (chunk-aligned); none where one chunk is the whole array anyway:
+        # the shard's index and per-chunk work cost more than writing a small array itself.
+        shards = None if chunks == data.shape else tuple(-(-s // c) * c for s, c in zip(data.shape, chunks))
+        zarr_files.write_array(self.path / case_id / name, data, chunks, shards)
 
     def create_banded(self, case_id: str, name: str, shape: tuple[int, ...], dtype: str, video: bool,
                       band: int) -> zarr.Array:
@@ -148,7 +156,8 @@ class CaseStore:
         chunks = default_chunks(name, shape, VIDEO if video else IMAGE, band, band)
         shards = None if video else tuple(shape[:-2]) + (chunks[-2], -(-shape[-1] // chunks[-1]) * chunks[-1])
         return self.case(case_id).create_array(name, shape=shape, dtype=dtype, chunks=chunks, shards=shards,
-                                               compressors=COMPRESSOR, fill_value=0, overwrite=True)
+                                               compressors=COMPRESSOR, fill_value=0, overwrite=True,
+                                               chunk_key_encoding=CHUNK_KEY_ENCODING)
 
 
 def _link_or_copy(src: str, dst: str) -> None:
@@ -210,18 +219,6 @@ def read_labelled_cases(
         for frames, masks in sync(_gather(_read_labelled(images, labels, *roots, c) for c in batch)):
             if len(frames):
                 yield frames, masks
-
-
-async def _write_array(group: zarr.AsyncGroup, name: str, data: np.ndarray, kind: str, chunk: int,
-                       frames: int) -> zarr.AsyncArray:
-    chunks = default_chunks(name, data.shape, kind, chunk, frames)
-    # One shard for the whole array (chunk-aligned); none where one chunk is the whole array anyway:
-    # the shard's index and per-chunk work cost more than writing a small array itself.
-    shards = None if chunks == data.shape else tuple(-(-s // c) * c for s, c in zip(data.shape, chunks))
-    # Empty chunks are written too: the array is one shard file anyway, so leaving them out saves
-    # a few bytes inside it, while finding them scans every chunk (about half of ingest's write time).
-    return await group.create_array(name, data=data, chunks=chunks, shards=shards, compressors=COMPRESSOR,
-                                    overwrite=True, config={"write_empty_chunks": True})
 
 
 async def _gather(coroutines: Iterator[Any]) -> list[Any]:

@@ -1,0 +1,84 @@
+"""segpipe.zarr_files writes the very files zarr-python writes, and zarr reads them back."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from segpipe import zarr_files
+
+RNG = np.random.default_rng(0)
+
+
+def files_under(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def smooth(shape: tuple[int, ...], dtype: str) -> np.ndarray:
+    """Compressible content with structure along every axis (random noise would hide a mix-up of
+    chunk order or padding behind equal incompressible lengths)."""
+    grids = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
+    return (sum((k + 1) * g for k, g in enumerate(grids)) % 251 + RNG.integers(0, 3, shape)).astype(dtype)
+
+
+CASES = {  # name: (data, chunks, shards), shaped as CaseStore lays them out
+    "image one chunk": (smooth((300, 200, 3), "uint8"), (300, 200, 3), None),
+    "image with edge chunks": (smooth((529, 622, 3), "uint8"), (512, 512, 3), (1024, 1024, 3)),
+    "29-class mask": (smooth((29, 300, 260), "uint8") > 120, (29, 128, 128), (29, 384, 384)),
+    "float16 probabilities": (smooth((2, 70, 90), "float16") / 251, (2, 32, 32), (2, 96, 96)),
+    "uint16 image": (smooth((70, 90), "uint16") * 250, (64, 64), (128, 128)),
+    "video frames": (smooth((69, 68, 68), "uint8"), (16, 68, 68), (80, 68, 68)),
+    "video masks": (smooth((40, 1, 68, 68), "uint8") > 100, (16, 1, 68, 68), (48, 1, 68, 68)),
+    "frame timestamps": (np.arange(69) / 23.18, (16,), (80,)),
+    "float32 confidence": (RNG.random(40).astype("float32"), (40,), None),
+}
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_array_files_are_zarrs_own_bytes(tmp_path, name):
+    data, chunks, shards = CASES[name]
+    by_zarr = zarr.open_group(tmp_path / "zarr.zarr", mode="w", zarr_format=3)
+    by_zarr.create_array("a", data=data, chunks=chunks, shards=shards, compressors=zarr_files.COMPRESSOR,
+                         chunk_key_encoding=zarr_files.CHUNK_KEY_ENCODING, config={"write_empty_chunks": True})
+    zarr.open_group(tmp_path / "ours.zarr", mode="w", zarr_format=3)
+    zarr_files.write_array(tmp_path / "ours.zarr" / "a", data, chunks, shards)
+
+    ours = files_under(tmp_path / "ours.zarr" / "a")
+    assert ours == files_under(tmp_path / "zarr.zarr" / "a")
+    assert len(ours) == 2  # the metadata and one chunk or shard
+    read = zarr.open_group(tmp_path / "ours.zarr", mode="r")["a"]
+    np.testing.assert_array_equal(read[...], data)
+    assert read.dtype == data.dtype
+
+
+def test_group_files_are_zarrs_own_bytes(tmp_path):
+    attrs = {"case_id": "cju0qkwl35piu0993l0dewei2", "bboxes": [{"xmin": 1, "label": "polyp"}],
+             "fps": 23.18, "warmup": [], "labelled": True, "speaker": "F1 é"}
+    zarr.open_group(tmp_path / "zarr.zarr", mode="w", zarr_format=3).create_group("c", attributes=attrs)
+    zarr.open_group(tmp_path / "ours.zarr", mode="w", zarr_format=3)
+    zarr_files.write_group(tmp_path / "ours.zarr" / "c", attrs)
+
+    assert files_under(tmp_path / "ours.zarr") == files_under(tmp_path / "zarr.zarr")
+    assert zarr.open_group(tmp_path / "ours.zarr", mode="r")["c"].attrs.asdict() == attrs
+
+
+def test_writing_again_replaces_the_node(tmp_path):
+    root = zarr.open_group(tmp_path / "s.zarr", mode="w", zarr_format=3)
+    zarr_files.write_group(tmp_path / "s.zarr" / "c", {"v": 1})
+    zarr_files.write_array(tmp_path / "s.zarr" / "c" / "a", np.ones((64, 64), "uint8"), (32, 32), (64, 64))
+    zarr_files.write_array(tmp_path / "s.zarr" / "c" / "b", np.ones(5, "uint8"), (5,), None)
+    zarr_files.write_array(tmp_path / "s.zarr" / "c" / "a", np.full((3, 4), 7, "uint8"), (3, 4), None)
+
+    np.testing.assert_array_equal(root["c"]["a"][...], np.full((3, 4), 7))
+    assert sorted(files_under(tmp_path / "s.zarr" / "c" / "a")) == ["c.0.0", "zarr.json"]
+    zarr_files.write_group(tmp_path / "s.zarr" / "c", {"v": 2})  # a new group has none of the old arrays
+    assert list(root["c"].array_keys()) == [] and root["c"].attrs["v"] == 2
+
+
+@pytest.mark.parametrize("chunks, shards", [((64, 64), None), ((32, 32), (32, 64)), ((32, 32), (96, 64))])
+def test_a_layout_of_more_than_one_file_is_refused(tmp_path, chunks, shards):
+    with pytest.raises(ValueError, match="do not make one file of shape"):
+        zarr_files.write_array(tmp_path / "a", np.zeros((64, 40)), chunks, shards)
+    assert not (tmp_path / "a").exists()
