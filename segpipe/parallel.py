@@ -5,14 +5,33 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from distributed import Client, LocalCluster
+from distributed import Client, LocalCluster, WorkerPlugin
 
 from segpipe.config import DaskConfig
+from segpipe.malloc import keep_freed_memory
+
+
+class KeepFreedMemory(WorkerPlugin):
+    """Every worker, present or joining later, keeps freed memory for reuse (segpipe.malloc).
+    Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=64 KiB, so each decoded image faulted
+    its pages in afresh: decoding a real Kvasir case took 8-10 ms on a worker, 3.6-4.5 ms with this
+    (2 ms in a plain process)."""
+
+    def setup(self, worker: object) -> None:
+        keep_freed_memory()
 
 
 @contextmanager
 def dask_client(cfg: DaskConfig) -> Iterator[Client]:
-    """A client for the configured scheduler; a LocalCluster started here is closed on exit."""
+    """A client for the configured scheduler, its workers tuned by KeepFreedMemory; a LocalCluster
+    started here is closed on exit."""
+    with _connect(cfg) as client:
+        client.register_plugin(KeepFreedMemory(), name=KeepFreedMemory.__name__)
+        yield client
+
+
+@contextmanager
+def _connect(cfg: DaskConfig) -> Iterator[Client]:
     if cfg.scheduler:
         with Client(cfg.scheduler) as client:
             yield client
@@ -23,4 +42,3 @@ def dask_client(cfg: DaskConfig) -> Iterator[Client]:
         dashboard_address=":0",
     ) as cluster, Client(cluster) as client:
         yield client
-
