@@ -206,7 +206,7 @@ def test_a_crop_reads_only_the_chunks_it_covers(tmp_path, caplog, corner, chunks
     caplog.clear()
     with caplog.at_level(logging.INFO):
         crops.read(crops.cases[0], *corner)
-    shard_reads = [m for m in caplog.messages if m.strip().startswith("Calling LocalStore.get(c0/image/c/")]
+    shard_reads = [m for m in caplog.messages if m.strip().startswith("Calling LocalStore.get(c0/image/c.")]
     # One read of the shard's index, then one per 64-px chunk the 128-px crop covers, of 64 in the shard;
     # the masks come from the cache at tile_scale.
     assert len(shard_reads) == 1 + chunks
