@@ -237,7 +237,8 @@ def test_real_rsna_xray_ingests_unlabelled_at_2044_by_1514(tmp_path, client):
     ingest("hand_xray", tmp_path / "raw", tmp_path / "h.zarr", FAIL, client)
     store = CaseStore(tmp_path / "h.zarr")
     image = store.array("1377", "image")
-    assert image.shape == (2044, 1514) and image.chunks == (512, 512) and not store.has("1377", "mask")
+    # Tiles of at most 512 px, split evenly: 4 x 511 rows, 3 x 505 columns (not 512 + 508, 512 + 490)
+    assert image.shape == (2044, 1514) and image.chunks == (511, 505) and not store.has("1377", "mask")
     attrs = store.case_attrs("1377")
     assert attrs["labelled"] is False and attrs["original_size"] == [2044, 1514] and attrs["group"] == "ID900"
 
