@@ -18,6 +18,5 @@ def copy_labels(images: CaseStore, out: Path) -> dict:
     with atomic_dir(out) as tmp:
         store = CaseStore.create(tmp, dataset=images.attrs["dataset"], classes=images.classes, origin="ingest")
         for case_id in labelled:
-            store.write_case(case_id, images.case_attrs(case_id))
-            store.write_array(case_id, "mask", images.array(case_id, "mask")[:])
+            store.write_case(case_id, images.case_attrs(case_id), {"mask": images.array(case_id, "mask")[:]})
     return {"origin": "ingest", "cases": len(labelled), "unlabelled": len(images.case_ids()) - len(labelled)}

@@ -216,10 +216,7 @@ def write_labelled_video(
     """Write one video's (T, 1, H, W) masks, (T,) confidence and the `keep` flags training reads
     (past warm-up and confident enough); returns keep."""
     keep = (np.arange(len(masks)) >= warmup) & (confidence >= min_confidence)
-    store.write_case(case_id, attrs)
-    store.write_array(case_id, "mask", masks)
-    store.write_array(case_id, "confidence", confidence)
-    store.write_array(case_id, "keep", keep.astype(np.uint8))
+    store.write_case(case_id, attrs, {"mask": masks, "confidence": confidence, "keep": keep.astype(np.uint8)})
     return keep
 
 
