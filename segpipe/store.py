@@ -148,11 +148,9 @@ class CaseStore:
         return self.array(case_id, name)
 
     def _write_array(self, case_id: str, name: str, data: np.ndarray, kind: str, chunk: int, frames: int) -> None:
-        chunks = default_chunks(name, data.shape, kind, chunk, frames)
-        # One shard for the whole array (chunk-aligned); none where one chunk is the whole array anyway:
-        # the shard's index and per-chunk work cost more than writing a small array itself.
-        shards = None if chunks == data.shape else tuple(-(-s // c) * c for s, c in zip(data.shape, chunks))
-        zarr_files.write_array(self.path / case_id / name, data, chunks, shards)
+        # One file: a shard for the whole array, or the one chunk where that is the whole array (a
+        # shard's index and per-chunk work cost more than writing a small array itself).
+        zarr_files.write_array(self.path / case_id / name, data, default_chunks(name, data.shape, kind, chunk, frames))
 
     def create_banded(self, case_id: str, name: str, shape: tuple[int, ...], dtype: str, video: bool,
                       band: int) -> zarr.Array:

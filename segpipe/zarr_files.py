@@ -48,24 +48,17 @@ def write_group(path: Path, attrs: dict[str, Any]) -> None:
     _write_file(path / METADATA, _document(GroupMetadata(attributes=attrs)))
 
 
-def write_array(path: Path, data: np.ndarray, chunks: tuple[int, ...], shards: tuple[int, ...] | None) -> None:
-    """`data` as an array at `path`, replacing whatever was there: one chunk when `shards` is None
-    (then `chunks` must be the whole array), else one shard of `shards` holding every chunk."""
-    one_file = tuple(chunks) == data.shape if shards is None else _one_shard(data.shape, tuple(chunks), shards)
-    if not one_file:
-        raise ValueError(f"{path}: chunks {chunks} / shards {shards} do not make one file of shape {data.shape}")
-    document, blosc = _array_encoding(data.shape, data.dtype.str, tuple(chunks), shards)
+def write_array(path: Path, data: np.ndarray, chunks: tuple[int, ...]) -> None:
+    """`data` as an array at `path`, replacing whatever was there, in one file: a single chunk when
+    `chunks` is the whole array, else one shard holding every chunk (chunk-aligned, covering it)."""
+    chunks = tuple(chunks)
+    shards = None if chunks == data.shape else tuple(-(-s // c) * c for s, c in zip(data.shape, chunks))
+    document, blosc = _array_encoding(data.shape, data.dtype.str, chunks, shards)
     data = np.ascontiguousarray(data, dtype=data.dtype.newbyteorder("<"))  # the bytes codec is little-endian
-    body = blosc.encode(data) if shards is None else _encode_shard(data, tuple(chunks), shards, blosc)
+    body = blosc.encode(data) if shards is None else _encode_shard(data, chunks, shards, blosc)
     _empty_dir(path)
     _write_file(path / METADATA, document)
     _write_file(path / ".".join(["c"] + ["0"] * data.ndim), body)  # the key of the one chunk or shard
-
-
-def _one_shard(shape: tuple[int, ...], chunks: tuple[int, ...], shards: tuple[int, ...]) -> bool:
-    """Whether `shards` is the smallest chunk multiple covering `shape` (every chunk inside the array)."""
-    return len(shape) == len(chunks) == len(shards) and all(
-        sh == -(-s // c) * c for s, c, sh in zip(shape, chunks, shards))
 
 
 @functools.lru_cache(maxsize=256)

@@ -23,7 +23,7 @@ def smooth(shape: tuple[int, ...], dtype: str) -> np.ndarray:
     return (sum((k + 1) * g for k, g in enumerate(grids)) % 251 + RNG.integers(0, 3, shape)).astype(dtype)
 
 
-CASES = {  # name: (data, chunks, shards), shaped as CaseStore lays them out
+CASES = {  # name: (data, chunks, the shards zarr is given: none for one chunk, else one covering all)
     "image one chunk": (smooth((300, 200, 3), "uint8"), (300, 200, 3), None),
     "image with edge chunks": (smooth((529, 622, 3), "uint8"), (512, 512, 3), (1024, 1024, 3)),
     "29-class mask": (smooth((29, 300, 260), "uint8") > 120, (29, 128, 128), (29, 384, 384)),
@@ -33,6 +33,7 @@ CASES = {  # name: (data, chunks, shards), shaped as CaseStore lays them out
     "video masks": (smooth((40, 1, 68, 68), "uint8") > 100, (16, 1, 68, 68), (48, 1, 68, 68)),
     "frame timestamps": (np.arange(69) / 23.18, (16,), (80,)),
     "float32 confidence": (RNG.random(40).astype("float32"), (40,), None),
+    "chunk wider than the array": (smooth((64, 40), "uint8"), (64, 64), (64, 64)),
 }
 
 
@@ -43,7 +44,7 @@ def test_array_files_are_zarrs_own_bytes(tmp_path, name):
     by_zarr.create_array("a", data=data, chunks=chunks, shards=shards, compressors=zarr_files.COMPRESSOR,
                          chunk_key_encoding=zarr_files.CHUNK_KEY_ENCODING, config={"write_empty_chunks": True})
     zarr.open_group(tmp_path / "ours.zarr", mode="w", zarr_format=3)
-    zarr_files.write_array(tmp_path / "ours.zarr" / "a", data, chunks, shards)
+    zarr_files.write_array(tmp_path / "ours.zarr" / "a", data, chunks)
 
     ours = files_under(tmp_path / "ours.zarr" / "a")
     assert ours == files_under(tmp_path / "zarr.zarr" / "a")
@@ -67,18 +68,11 @@ def test_group_files_are_zarrs_own_bytes(tmp_path):
 def test_writing_again_replaces_the_node(tmp_path):
     root = zarr.open_group(tmp_path / "s.zarr", mode="w", zarr_format=3)
     zarr_files.write_group(tmp_path / "s.zarr" / "c", {"v": 1})
-    zarr_files.write_array(tmp_path / "s.zarr" / "c" / "a", np.ones((64, 64), "uint8"), (32, 32), (64, 64))
-    zarr_files.write_array(tmp_path / "s.zarr" / "c" / "b", np.ones(5, "uint8"), (5,), None)
-    zarr_files.write_array(tmp_path / "s.zarr" / "c" / "a", np.full((3, 4), 7, "uint8"), (3, 4), None)
+    zarr_files.write_array(tmp_path / "s.zarr" / "c" / "a", np.ones((64, 64), "uint8"), (32, 32))
+    zarr_files.write_array(tmp_path / "s.zarr" / "c" / "b", np.ones(5, "uint8"), (5,))
+    zarr_files.write_array(tmp_path / "s.zarr" / "c" / "a", np.full((3, 4), 7, "uint8"), (3, 4))
 
     np.testing.assert_array_equal(root["c"]["a"][...], np.full((3, 4), 7))
     assert sorted(files_under(tmp_path / "s.zarr" / "c" / "a")) == ["c.0.0", "zarr.json"]
     zarr_files.write_group(tmp_path / "s.zarr" / "c", {"v": 2})  # a new group has none of the old arrays
     assert list(root["c"].array_keys()) == [] and root["c"].attrs["v"] == 2
-
-
-@pytest.mark.parametrize("chunks, shards", [((64, 64), None), ((32, 32), (32, 64)), ((32, 32), (96, 64))])
-def test_a_layout_of_more_than_one_file_is_refused(tmp_path, chunks, shards):
-    with pytest.raises(ValueError, match="do not make one file of shape"):
-        zarr_files.write_array(tmp_path / "a", np.zeros((64, 40)), chunks, shards)
-    assert not (tmp_path / "a").exists()
