@@ -54,6 +54,21 @@ def test_array_files_are_zarrs_own_bytes(tmp_path, name):
     assert read.dtype == data.dtype
 
 
+def test_arrays_of_one_kind_in_many_sizes_are_zarrs_own_bytes(tmp_path):
+    """Kvasir images differ in size case by case, and each array's document is the cached one of
+    its kind with the shapes changed: every size must still come out as zarr writes it."""
+    by_zarr = zarr.open_group(tmp_path / "zarr.zarr", mode="w", zarr_format=3)
+    zarr.open_group(tmp_path / "ours.zarr", mode="w", zarr_format=3)
+    for name, shape, chunks in [("a", (529, 622, 3), (265, 311, 3)), ("b", (1072, 1920, 3), (358, 480, 3)),
+                                ("c", (40, 60, 3), (40, 60, 3)), ("d", (41, 60, 3), (41, 60, 3))]:
+        data = smooth(shape, "uint8")
+        shards = None if chunks == shape else tuple(-(-s // c) * c for s, c in zip(shape, chunks))
+        by_zarr.create_array(name, data=data, chunks=chunks, shards=shards, compressors=zarr_files.COMPRESSOR,
+                             chunk_key_encoding=zarr_files.CHUNK_KEY_ENCODING, config={"write_empty_chunks": True})
+        zarr_files.write_array(tmp_path / "ours.zarr" / name, data, chunks)
+        assert files_under(tmp_path / "ours.zarr" / name) == files_under(tmp_path / "zarr.zarr" / name), name
+
+
 def test_group_files_are_zarrs_own_bytes(tmp_path):
     attrs = {"case_id": "cju0qkwl35piu0993l0dewei2", "bboxes": [{"xmin": 1, "label": "polyp"}],
              "fps": 23.18, "warmup": [], "labelled": True, "speaker": "F1 é"}
