@@ -206,10 +206,15 @@ class WritesBehind:
             pending.result()
 
 
+def _kept_frames(keep: np.ndarray) -> np.ndarray:
+    """Indices of the frames a `keep` array (one 0/1 per frame) marks as trusted."""
+    return np.flatnonzero(keep)
+
+
 def labelled_frames(labels: CaseStore, case_id: str) -> np.ndarray:
     """Indices of the frames of a case that carry a trusted label (all, unless a `keep` array says otherwise)."""
     if labels.has(case_id, "keep"):
-        return np.flatnonzero(labels.array(case_id, "keep")[:])
+        return _kept_frames(labels.array(case_id, "keep")[:])
     return np.arange(labels.array(case_id, "mask").shape[0] if labels.is_video(case_id) else 1)
 
 
@@ -246,7 +251,7 @@ async def _read_labelled(
     )
     video = image_case.attrs.get("kind") == VIDEO
     frames, masks = frames_of(frames, video), frames_of(masks, video)
-    return (frames, masks) if keep is None else (frames[keep > 0], masks[keep > 0])
+    return (frames, masks) if keep is None else (frames[_kept_frames(keep)], masks[_kept_frames(keep)])
 
 
 async def _member(group: zarr.AsyncGroup, name: str, missing: str | None = None) -> Any:
