@@ -28,7 +28,6 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, ShardingCodec
 from zarr.core.array import AsyncArray, _parse_chunk_encoding_v3
-from zarr.core.buffer import default_buffer_prototype
 from zarr.core.dtype import parse_dtype
 from zarr.core.group import GroupMetadata
 from zarr.core.indexing import morton_order_iter
@@ -49,7 +48,7 @@ _SHUFFLES = {"noshuffle": numcodecs.Blosc.NOSHUFFLE, "shuffle": numcodecs.Blosc.
 def write_group(path: Path, attrs: dict[str, Any]) -> None:
     """A group with `attrs` at `path`, replacing whatever was there (zarr's overwrite=True)."""
     _empty_dir(path)
-    _write_file(path / METADATA, _document(GroupMetadata(attributes=attrs)))
+    _write_file(path / METADATA, _json(GroupMetadata(attributes=attrs).to_dict()))
 
 
 def write_array(path: Path, data: np.ndarray, chunks: tuple[int, ...]) -> None:
@@ -135,12 +134,9 @@ def _encode_shard(data: np.ndarray, chunks: tuple[int, ...], shards: tuple[int, 
     return b"".join([*pieces, index_bytes, np.array([google_crc32c.value(index_bytes)], dtype="<u4").tobytes()])
 
 
-def _document(metadata: GroupMetadata) -> bytes:
-    return metadata.to_buffer_dict(default_buffer_prototype())[METADATA].to_bytes()
-
-
 def _json(document: dict[str, Any]) -> bytes:
-    """A metadata document as ArrayV3Metadata.to_buffer_dict encodes one."""
+    """A metadata document (a group's or an array's to_dict()) encoded as zarr's to_buffer_dict
+    encodes it."""
     return json.dumps(document, allow_nan=True, indent=zarr.config.get("json_indent")).encode()
 
 
