@@ -251,7 +251,10 @@ async def _read_labelled(
     )
     video = image_case.attrs.get("kind") == VIDEO
     frames, masks = frames_of(frames, video), frames_of(masks, video)
-    return (frames, masks) if keep is None else (frames[_kept_frames(keep)], masks[_kept_frames(keep)])
+    if keep is None:
+        return frames, masks
+    kept = _kept_frames(keep)
+    return frames[kept], masks[kept]
 
 
 async def _member(group: zarr.AsyncGroup, name: str, missing: str | None = None) -> Any:
