@@ -2,6 +2,7 @@
 the `tasks.ingest` CLI."""
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -26,6 +27,7 @@ from segpipe.parallel import dask_client
 from segpipe.store import CaseStore
 from tasks import ingest as stage
 from tests.conftest import SHARED_DATA, needs_shared_data
+from tests.hanging_worker import HANG_AT
 from tests.pipeline_repo import dvc, make_repo, ran_stages
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -363,27 +365,30 @@ def test_a_skipped_case_is_decoded_again_only_once_its_file_changes(tmp_path, cl
 def test_a_killed_ingest_leaves_the_previous_store_readable_and_complete(kvasir_store, tmp_path):
     raw, out = kvasir_store
     before, image_a = files_of(out), CaseStore(out).array("a", "image")[:]
-    noise = np.random.default_rng(0).integers(0, 255, (384, 384, 3), dtype=np.uint8)
-    for i in range(60):  # slow enough, one case at a time on one worker, to be killed midway
-        kvasir_pair(raw, f"n{i:02d}", size=(384, 384))
-        Image.fromarray(noise).save(raw / "images" / f"n{i:02d}.jpg")
+    for i in range(HANG_AT + 2):
+        kvasir_pair(raw, f"n{i}")
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["dask"] = {"scheduler": None, "n_workers": 1, "threads_per_worker": 1}
-    params["ingest"]["max_in_flight"] = 1
+    params["ingest"]["max_in_flight"] = 1  # one case at a time: the worker hangs after HANG_AT - 1 of them
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    hanging = {"DASK_DISTRIBUTED__WORKER__PRELOAD": json.dumps([str(ROOT / "tests" / "hanging_worker.py")])}
     proc = subprocess.Popen(
         [sys.executable, "-m", "tasks.ingest", "--dataset", "kvasir", "--raw", str(raw), "--out", str(out),
          "--report", str(tmp_path / "r.json"), "--params", str(tmp_path / "params.yaml")],
-        cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        cwd=ROOT, env=os.environ | hanging, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=(tmp_path / "stderr").open("w"))
+    written = f"{tmp_path}/.k.zarr.*.tmp/n*/image/zarr.json"
     try:
         deadline = time.monotonic() + 120
-        while not list(tmp_path.glob(".k.zarr.*.tmp/n*/image/zarr.json")) and proc.poll() is None:
-            assert time.monotonic() < deadline, "ingest never started writing"
-            time.sleep(0.005)
+        while len(glob.glob(written)) < HANG_AT - 1 and proc.poll() is None:
+            assert time.monotonic() < deadline, "ingest never wrote the cases before the hanging one"
+            time.sleep(0.05)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the stage and its Dask workers, as a killed job would be
         proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "ingest finished before it could be killed"
+    assert proc.returncode == -signal.SIGKILL, f"ingest ended by itself: {(tmp_path / 'stderr').read_text()[-2000:]}"
+    # killed midway: the cases before the hanging one are in the temporary store, and only there
+    assert sorted(Path(p).parts[-3] for p in glob.glob(written)) == [f"n{i}" for i in range(HANG_AT - 1)]
     assert files_of(out) == before
     store = CaseStore(out)
     assert store.case_ids() == ["a", "b", "c"] and store.attrs["found"] == 3

@@ -1,0 +1,27 @@
+"""A Dask worker preload (`distributed.worker.preload`) for the kill test in test_ingest.py: the
+worker hangs as it starts its HANG_AT-th ingest case, as one stuck on a slow disk would, so the test
+kills the stage while it is certainly midway, never after it finished."""
+from __future__ import annotations
+
+import time
+
+from distributed import Worker, WorkerPlugin
+
+HANG_AT = 3
+
+
+class HangAtCase(WorkerPlugin):
+    def __init__(self) -> None:
+        self.started = 0
+
+    def transition(self, key: str, start: str, finish: str, **kwargs: object) -> None:
+        # Called on the worker's event loop before the case is handed to a thread: sleeping here
+        # stops the worker with the earlier cases fully written and this one not begun.
+        if finish == "executing" and key.startswith("_ingest_case-"):  # client.submit names it <fn>-<uuid>
+            self.started += 1
+            if self.started == HANG_AT:
+                time.sleep(600)  # the test kills it long before
+
+
+async def dask_setup(worker: Worker) -> None:
+    await worker.plugin_add(HangAtCase(), name=HangAtCase.__name__)
