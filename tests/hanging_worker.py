@@ -7,7 +7,10 @@ import time
 
 from distributed import Worker, WorkerPlugin
 
+from segpipe.ingest import _ingest_case
+
 HANG_AT = 3
+KEY_PREFIX = f"{_ingest_case.__name__}-"  # client.submit names a task <function>-<uuid>
 
 
 class HangAtCase(WorkerPlugin):
@@ -17,7 +20,7 @@ class HangAtCase(WorkerPlugin):
     def transition(self, key: str, start: str, finish: str, **kwargs: object) -> None:
         # Called on the worker's event loop before the case is handed to a thread: sleeping here
         # stops the worker with the earlier cases fully written and this one not begun.
-        if finish == "executing" and key.startswith("_ingest_case-"):  # client.submit names it <fn>-<uuid>
+        if finish == "executing" and key.startswith(KEY_PREFIX):
             self.started += 1
             if self.started == HANG_AT:
                 time.sleep(600)  # the test kills it long before

@@ -372,11 +372,11 @@ def test_a_killed_ingest_leaves_the_previous_store_readable_and_complete(kvasir_
     params["ingest"]["max_in_flight"] = 1  # one case at a time: the worker hangs after HANG_AT - 1 of them
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     hanging = {"DASK_DISTRIBUTED__WORKER__PRELOAD": json.dumps([str(ROOT / "tests" / "hanging_worker.py")])}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tasks.ingest", "--dataset", "kvasir", "--raw", str(raw), "--out", str(out),
-         "--report", str(tmp_path / "r.json"), "--params", str(tmp_path / "params.yaml")],
-        cwd=ROOT, env=os.environ | hanging, start_new_session=True,
-        stdout=subprocess.DEVNULL, stderr=(tmp_path / "stderr").open("w"))
+    with (tmp_path / "stderr").open("w") as stderr:  # the child keeps its own descriptor
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tasks.ingest", "--dataset", "kvasir", "--raw", str(raw), "--out", str(out),
+             "--report", str(tmp_path / "r.json"), "--params", str(tmp_path / "params.yaml")],
+            cwd=ROOT, env=os.environ | hanging, start_new_session=True, stdout=subprocess.DEVNULL, stderr=stderr)
     written = f"{tmp_path}/.k.zarr.*.tmp/n*/image/zarr.json"
     try:
         deadline = time.monotonic() + 120
