@@ -231,7 +231,10 @@ def _previous(out: Path, dataset: str, cfg: IngestConfig, code: str) -> tuple[_P
 
 
 def _recorded_hashes(attrs: dict[str, Any]) -> list[str]:
-    return [attrs["sha256"]] + ([attrs["label_sha256"]] if "label_sha256" in attrs else [])
+    """A stored case's file hashes, in the order of RawCase.files()."""
+    extras = attrs.get("extra_sha256", {})
+    labels = [attrs["label_sha256"]] if "label_sha256" in attrs else []
+    return [attrs["sha256"], *labels, *(extras[name] for name in sorted(extras))]
 
 
 def _root_attrs(attrs: dict[str, Any], report: IngestReport) -> dict[str, Any]:
@@ -321,6 +324,10 @@ def _write(store: CaseStore, case: RawCase, data: CaseData, hashes: list[str], r
     }
     if case.label is not None:
         attrs.update(label_source=_relative(case.label, raw), label_sha256=hashes[1])
+    if case.extras:  # their hashes come last, in name order (RawCase.files)
+        names = sorted(case.extras)
+        attrs.update(extra_sources={name: _relative(case.extras[name], raw) for name in names},
+                     extra_sha256=dict(zip(names, hashes[-len(names):])))
     masks = {} if data.mask is None else {"mask": data.mask}
     store.write_case(case.case_id, attrs, {"image": data.image, **masks, **data.arrays}, cfg.chunk,
                      cfg.video_chunk_frames)

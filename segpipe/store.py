@@ -7,7 +7,7 @@ Layout of a store `<name>.zarr`:
         image   (H, W) or (H, W, 3) for an image, (T, H, W) for a video; uint8/uint16
         mask    (C, H, W) for an image, (T, C, H, W) for a video; uint8, one binary channel per class
         prob    same shape as mask, float16 probabilities (prediction stores)
-        <other> any per-case array (e.g. frame timestamps, pseudo-label confidence)
+        <other> any per-case array (e.g. frame timestamps, a video's reconstruction, pseudo-label confidence)
 
 Every array is written in one go, chunked for partial reads and sharded (one shard file per
 array; an array of one chunk is left unsharded, one file anyway) so a large dataset stays a few

@@ -5,12 +5,14 @@ from fractions import Fraction
 from pathlib import Path
 
 import av
+import h5py
 import numpy as np
 import pytest
 
 from segpipe.datasets import usc_timit
 from segpipe.errors import IngestError
 from tests.conftest import SHARED_DATA, needs_shared_data
+from tests.usc_phantom import decode
 
 F2 = SHARED_DATA / "usc-timit"
 SUB001 = SHARED_DATA / "usc-75-speaker"
@@ -18,14 +20,37 @@ SUB001 = SHARED_DATA / "usc-75-speaker"
 
 def write_avi(path: Path, frames: np.ndarray, fps: float = 23.18) -> None:
     """Uncompressed BGR24 AVI of grey frames, as the USC-TIMIT release stores them."""
+    write_video(path, frames, fps, "rawvideo", "bgr24")
+
+
+def write_mp4(path: Path, frames: np.ndarray, fps: float = 83.28) -> None:
+    """MPEG-4 video of grey frames (lossy), as the USC 75-speaker release stores them."""
+    write_video(path, frames, fps, "mpeg4", "yuv420p")
+
+
+def write_video(path: Path, frames: np.ndarray, fps: float, codec: str, pix_fmt: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), "w", format="avi") as container:
-        stream = container.add_stream("rawvideo", rate=Fraction(fps).limit_denominator(1000))
-        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "bgr24"
+    with av.open(str(path), "w") as container:  # the container format follows the suffix
+        stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1000))
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], pix_fmt
         for grey in frames:
-            frame = av.VideoFrame.from_ndarray(np.repeat(grey[..., None], 3, axis=2), format="bgr24")
-            container.mux(stream.encode(frame))
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(grey, format="gray").reformat(format=pix_fmt)))
         container.mux(stream.encode())
+
+
+def write_recon(path: Path, data: np.ndarray, name: str = "recon") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(path, "w") as f:
+        f.create_dataset(name, data=data)
+
+
+def vocal_tract(n: int = 10, size: int = 32) -> np.ndarray:
+    """Frames that a transpose changes: bright on the left, a dark passage along the top right."""
+    y, x = np.mgrid[:size, :size]
+    frame = 200 - 4 * x + 30 * np.sin(y / 3)
+    frame[2:6, size // 2:] = 20
+    moving = [np.roll(frame, t % 3, axis=0) for t in range(n)]
+    return np.clip(moving, 0, 255).astype(np.uint8)
 
 
 def clip(n: int = 12, warmup: int = 0, size: int = 16) -> np.ndarray:
@@ -127,3 +152,87 @@ def test_garbage_video_is_rejected_naming_the_file(tmp_path):
     path.write_bytes(b"not a video at all" * 10)
     with pytest.raises(IngestError, match=r"M1_1\.avi: corrupt or undecodable video"):
         usc_timit.load_case(usc_timit.list_cases(tmp_path)[0])
+
+
+@pytest.mark.parametrize("matlab_order", [True, False])
+def test_reconstruction_is_stored_in_the_videos_orientation_however_it_was_written(tmp_path, matlab_order):
+    frames = vocal_tract(10)
+    write_mp4(tmp_path / "sub001" / "2drt" / "video" / "sub001_vcv1_r1_video.mp4", frames)
+    recon = frames.astype(np.float32) / 97  # float images, on their own scale
+    # MATLAB writes column-major: read in C order, each frame comes out transposed.
+    write_recon(tmp_path / "sub001" / "2drt" / "recon" / "sub001_vcv1_r1_recon.h5",
+                recon.transpose(0, 2, 1) if matlab_order else recon)
+    (case,) = usc_timit.list_cases(tmp_path)
+    assert case.extras == {"recon": tmp_path / "sub001" / "2drt" / "recon" / "sub001_vcv1_r1_recon.h5"}
+    data = usc_timit.load_case(case)
+    assert data.arrays["recon"].dtype == np.float32
+    np.testing.assert_array_equal(data.arrays["recon"], recon)
+    assert data.attrs["recon_transposed"] is matlab_order and data.attrs["recon_frames"] == 10
+    assert data.attrs["recon_match"] > 0.95 and data.image.shape == (10, 32, 32)
+
+
+@needs_shared_data
+def test_real_75_speaker_video_takes_its_reconstruction_written_as_matlab_writes_it(tmp_path):
+    video = SUB001 / "sub001" / "2drt" / "video" / "sub001_2drt_01_vcv1_r1_video.mp4"
+    (tmp_path / "sub001" / "2drt").mkdir(parents=True)
+    (tmp_path / "sub001" / "2drt" / "video").symlink_to(video.parent)
+    frames = decode(video)
+    recon = (frames[:3000] / 255).astype(np.float32)  # fewer frames than the video: allowed
+    write_recon(tmp_path / "sub001" / "2drt" / "recon" / "sub001_2drt_01_vcv1_r1_recon.h5", recon.transpose(0, 2, 1))
+    data = usc_timit.load_case(usc_timit.list_cases(tmp_path)[0])
+    np.testing.assert_array_equal(data.arrays["recon"], recon)
+    assert data.attrs["recon_transposed"] is True and data.attrs["recon_frames"] == 3000
+    assert data.attrs["recon_match"] == 1.0 and data.image.shape == (3216, 84, 84)
+
+
+def bad_recon(path: Path, problem: str) -> None:
+    frames = vocal_tract(10).astype(np.float32)
+    if problem == "garbage":
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"not HDF5" * 50)
+    elif problem == "cut":
+        write_recon(path, frames)
+        path.write_bytes(path.read_bytes()[:1500])
+    else:
+        write_recon(path, *{
+            "other name": (frames, "image"),
+            "one frame": (frames[0],),
+            "complex": (frames.astype(np.complex64),),
+            "nan": (np.where(frames > 100, np.nan, frames),),
+            "other size": (frames[:, :20, :24],),
+            "other scene": (np.random.default_rng(0).random((10, 32, 32)),),
+        }[problem])
+
+
+@pytest.mark.parametrize("problem, message", [
+    ("garbage", "corrupt or unreadable HDF5 file"),
+    ("cut", "corrupt or unreadable HDF5 file"),
+    ("other name", r"no 'recon' dataset \(found: \['image'\]\)"),
+    ("one frame", r"'recon' is float32 \(32, 32\), expected real \(frames, height, width\) images"),
+    ("complex", r"'recon' is complex64 \(10, 32, 32\)"),
+    ("nan", "'recon' holds NaN or infinite values"),
+    ("other size", "frames of 20x24 px, its video's are 32x32"),
+    ("other scene", r"does not match its video: its mean frame correlates -?0\.\d\d"),
+])
+def test_a_bad_reconstruction_is_rejected_naming_the_file(tmp_path, problem, message):
+    write_mp4(tmp_path / "sub001" / "2drt" / "video" / "c_video.mp4", vocal_tract(10))
+    bad_recon(tmp_path / "sub001" / "2drt" / "recon" / "c_recon.h5", problem)
+    with pytest.raises(IngestError, match=rf"recon/c_recon\.h5: {message}"):
+        usc_timit.load_case(usc_timit.list_cases(tmp_path)[0])
+
+
+def test_a_reconstruction_without_its_video_a_second_one_and_a_stray_file_are_structural_problems(tmp_path):
+    frames = vocal_tract(4)
+    write_mp4(tmp_path / "sub001" / "2drt" / "video" / "a_video.mp4", frames)
+    recons = tmp_path / "sub001" / "2drt" / "recon"
+    write_recon(recons / "a_recon.h5", frames.astype(np.float32))
+    write_recon(recons / "a.h5", frames.astype(np.float32))
+    write_recon(recons / "b_recon.h5", frames.astype(np.float32))
+    (recons / "notes.txt").write_text("reconstructed with lambda 0.08")
+    scan = usc_timit.scan(tmp_path)
+    assert [(c.case_id, c.extras) for c in scan.cases] == [("sub001_a_video", {"recon": recons / "a.h5"})]
+    assert sorted(str(p) for p in scan.problems) == sorted([
+        f"{recons / 'a_recon.h5'}: a second reconstruction of clip 'a' (also a.h5)",
+        f"{recons / 'b_recon.h5'}: reconstruction without its video (no video of clip 'b' in sub001/2drt/video/)",
+        f"{recons / 'notes.txt'}: stray entry: expected only ['.h5'] files here",
+    ])

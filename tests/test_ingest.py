@@ -27,6 +27,7 @@ from segpipe.parallel import dask_client
 from segpipe.store import CaseStore
 from tasks import ingest as stage
 from tests.conftest import SHARED_DATA, needs_shared_data
+from tests.test_datasets_usc_timit import vocal_tract, write_mp4, write_recon
 from tests.hanging_worker import HANG_AT
 from tests.pipeline_repo import dvc, make_repo, ran_stages
 
@@ -335,6 +336,35 @@ def test_a_removed_file_removes_its_case(kvasir_store, client):
     report = ingest("kvasir", raw, out, FAIL, client)
     assert (report.found, report.ingested, report.unchanged, report.removed) == (2, 0, 2, ["c"])
     assert CaseStore(out).case_ids() == ["a", "b"] and not (out / "c").exists()
+
+
+def test_a_videos_reconstruction_is_stored_tracked_and_followed_when_it_changes_or_goes(tmp_path, client):
+    raw, out = tmp_path / "raw", tmp_path / "u.zarr"
+    frames = vocal_tract(6)
+    write_mp4(raw / "sub001" / "2drt" / "video" / "s1_video.mp4", frames)
+    write_mp4(raw / "sub001" / "2drt" / "video" / "s2_video.mp4", frames)
+    recon = raw / "sub001" / "2drt" / "recon" / "s1_recon.h5"
+    write_recon(recon, frames.transpose(0, 2, 1) / np.float32(3))
+    assert ingest("usc_timit", raw, out, FAIL, client).ingested == 2
+    store = CaseStore(out)
+    attrs = store.case_attrs("sub001_s1_video")
+    assert attrs["extra_sources"] == {"recon": "sub001/2drt/recon/s1_recon.h5"}
+    assert attrs["extra_sha256"] == {"recon": sha(recon)} and attrs["sha256"] == sha(raw / attrs["source"])
+    assert (attrs["recon_frames"], attrs["recon_transposed"]) == (6, True)
+    np.testing.assert_array_equal(store.array("sub001_s1_video", "recon")[:], frames / np.float32(3))
+    assert store.array("sub001_s1_video", "recon").chunks == (6, 32, 32)  # frames chunked as the video's
+    assert not store.has("sub001_s2_video", "recon") and "extra_sources" not in store.case_attrs("sub001_s2_video")
+
+    assert ingest("usc_timit", raw, out, FAIL, client).unchanged == 2
+    write_recon(recon, frames.transpose(0, 2, 1) / np.float32(5))
+    report = ingest("usc_timit", raw, out, FAIL, client)
+    assert (report.changed, report.unchanged) == (["sub001_s1_video"], 1)
+    np.testing.assert_array_equal(CaseStore(out).array("sub001_s1_video", "recon")[:], frames / np.float32(5))
+    recon.unlink()
+    report = ingest("usc_timit", raw, out, FAIL, client)
+    assert (report.changed, report.unchanged) == (["sub001_s1_video"], 1)
+    assert not CaseStore(out).has("sub001_s1_video", "recon")
+    assert "extra_sha256" not in CaseStore(out).case_attrs("sub001_s1_video")
 
 
 def test_changed_chunk_params_reingest_every_case(kvasir_store, client):

@@ -32,9 +32,13 @@ class RawCase:
     source: Path  # the image or video
     label: Path | None = None  # its mask or annotation file, when labelled
     meta: dict[str, Any] = field(default_factory=dict, compare=False)  # reader-specific, JSON-ready
+    # Other files the case is decoded from, by name (a video's reconstruction: {"recon": path}).
+    extras: dict[str, Path] = field(default_factory=dict, compare=False)
 
     def files(self) -> list[Path]:
-        return [self.source] if self.label is None else [self.source, self.label]
+        """Every file the case is read from: source, label, then extras by name (the order of its hashes)."""
+        labels = [] if self.label is None else [self.label]
+        return [self.source, *labels, *(self.extras[name] for name in sorted(self.extras))]
 
 
 @dataclass

@@ -5,8 +5,17 @@
 
 A case is one video; its group is the speaker folder. Case ids are the file stem, prefixed with
 the speaker when the stem does not already start with it, so two speakers' `clip1` cannot collide.
-Other folders beside `mri/` or `2drt/video/` (audio, tracks, reconstructions) are ignored; any
-non-video entry inside those folders is a stray file.
+Other folders beside `mri/`, `2drt/video/` and `2drt/recon/` (audio, raw k-space, tracks) are
+ignored; any entry of another kind inside those folders is a stray file.
+
+Reconstructions (USC 75-speaker `subXXX/2drt/recon/<clip>_recon.h5`, when present): the release's
+float images that its 8-bit MPEG-4 videos were rendered from, matched to the video of the same
+clip (`<clip>_video.mp4`) and stored beside its frames as the array `recon`, float32 (T, H, W),
+with `recon_frames` in the case attrs; the pipeline itself segments the video frames. The release
+writes them from MATLAB, which stores arrays column-major, so read in C order a frame may come out
+transposed: of the two orientations, the one whose mean frame correlates best with the video's is
+taken (`recon_transposed`, `recon_match`), and a reconstruction that resembles its video in
+neither is rejected. A reconstruction without its video is a structural problem, never dropped.
 
 Warm-up: acquisitions start before the magnetisation reaches steady state, so the first frames
 are brighter and decay over tens of frames. They are flagged, never dropped: `warmup_frames` is
@@ -16,8 +25,10 @@ frame mean of the second half of the video (the steady state).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import av
+import h5py
 import numpy as np
 
 from segpipe.datasets import CaseData, RawCase, Scan, require_dir, split_by_suffix, visible
@@ -26,6 +37,9 @@ from segpipe.errors import IngestError
 CLASSES = ["airway"]
 LAYOUTS = {"mri": {".avi"}, "2drt/video": {".mp4"}}  # per-speaker subfolder -> video suffixes
 WARMUP_RATIO = 1.25
+RECONS = {"2drt/video": "2drt/recon"}  # video subfolder -> its reconstructions' subfolder
+RECON_DATASET = "recon"  # the dataset in each .h5 (the release's MATLAB scripts read /recon)
+MIN_RECON_MATCH = 0.5  # least correlation of a reconstruction's mean frame with its video's
 
 
 def scan(raw: Path) -> Scan:
@@ -34,11 +48,14 @@ def scan(raw: Path) -> Scan:
     for speaker in visible(require_dir(raw)):
         for sub, suffixes in LAYOUTS.items():
             folder = speaker / sub
-            if not folder.is_dir():
-                continue
-            videos, stray = split_by_suffix(folder, suffixes)
-            problems += stray
-            cases += [_case(speaker.name, path) for _, path in sorted(videos.items())]
+            recons = _recons(speaker / RECONS[sub], problems) if sub in RECONS else {}
+            if folder.is_dir():
+                videos, stray = split_by_suffix(folder, suffixes)
+                problems += stray
+                cases += [_case(speaker.name, path, recons.pop(clip_name(path), None))
+                          for _, path in sorted(videos.items())]
+            problems += [IngestError(path, f"reconstruction without its video (no video of clip {name!r} "
+                                           f"in {speaker.name}/{sub}/)") for name, path in sorted(recons.items())]
     if not cases and not problems:
         problems.append(IngestError(raw, f"no videos found under <speaker>/{{{','.join(LAYOUTS)}}}/"))
     return Scan(sorted(cases, key=lambda c: c.case_id), problems)
@@ -51,12 +68,85 @@ def list_cases(raw: Path) -> list[RawCase]:
 def load_case(case: RawCase) -> CaseData:
     frames, times, fps = _decode(case.source)
     image = np.stack(frames)
-    return CaseData(
+    data = CaseData(
         image=image,
         mask=None,
         attrs={"kind": "video", "fps": fps, "n_frames": len(frames), "warmup_frames": warmup_frames(image)},
         arrays={"timestamps": np.asarray(times, dtype=np.float64)},
     )
+    if "recon" in case.extras:
+        data.arrays["recon"], recon_attrs = read_recon(case.extras["recon"], image)
+        data.attrs.update(recon_attrs)
+    return data
+
+
+def clip_name(path: Path) -> str:
+    """What a clip's video and reconstruction have in common: the stem less `_video`/`_recon`."""
+    for suffix in ("_video", "_recon"):
+        if path.stem.lower().endswith(suffix):
+            return path.stem[: -len(suffix)]
+    return path.stem
+
+
+def read_recon(path: Path, video: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
+    """A reconstruction as float32 (T, H, W) in its video's orientation, and what was found (see
+    the module doc); `video` is that clip's (T', H, W) frames (T' may differ from T)."""
+    recon = _recon_dataset(path)
+    target = video.mean(axis=0)
+    fits = [(transposed, frames) for transposed, frames in ((False, recon), (True, recon.transpose(0, 2, 1)))
+            if frames.shape[1:] == target.shape]
+    if not fits:
+        raise IngestError(path, f"frames of {recon.shape[1]}x{recon.shape[2]} px, its video's are "
+                                f"{target.shape[0]}x{target.shape[1]}")
+    match, transposed, frames = max(((_correlation(frames.mean(axis=0), target), transposed, frames)
+                                     for transposed, frames in fits), key=lambda fit: fit[0])
+    if match < MIN_RECON_MATCH:
+        raise IngestError(path, f"does not match its video: its mean frame correlates {match:.2f} with the "
+                                f"video's (at least {MIN_RECON_MATCH} expected), as stored or transposed")
+    attrs = {"recon_frames": len(frames), "recon_transposed": transposed, "recon_match": round(match, 3)}
+    return np.ascontiguousarray(frames, dtype=np.float32), attrs
+
+
+def _recon_dataset(path: Path) -> np.ndarray:
+    try:
+        with h5py.File(path, "r") as f:
+            dataset = f.get(RECON_DATASET)
+            if not isinstance(dataset, h5py.Dataset):
+                raise IngestError(path, f"no {RECON_DATASET!r} dataset (found: {sorted(f)})")
+            recon = dataset[()]
+    except OSError as exc:
+        raise IngestError(path, f"corrupt or unreadable HDF5 file: {exc}") from exc
+    real = np.issubdtype(recon.dtype, np.floating) or np.issubdtype(recon.dtype, np.integer)
+    if recon.ndim != 3 or not real or not recon.size:
+        raise IngestError(path, f"{RECON_DATASET!r} is {recon.dtype} {recon.shape}, expected real "
+                                "(frames, height, width) images")
+    if not np.isfinite(recon).all():
+        raise IngestError(path, f"{RECON_DATASET!r} holds NaN or infinite values")
+    return recon
+
+
+def _correlation(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson correlation of two images; 0 where either is flat (nothing to compare)."""
+    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+    a, b = a - a.mean(), b - b.mean()
+    norm = np.sqrt((a @ a) * (b @ b))
+    return float(a @ b / norm) if norm > 0 else 0.0
+
+
+def _recons(folder: Path, problems: list[IngestError]) -> dict[str, Path]:
+    """A speaker's reconstructions by clip name; stray entries go to `problems`."""
+    if not folder.is_dir():
+        return {}
+    files, stray = split_by_suffix(folder, {".h5"})
+    problems += stray
+    recons: dict[str, Path] = {}
+    for path in files.values():
+        name = clip_name(path)
+        if name in recons:
+            problems.append(IngestError(path, f"a second reconstruction of clip {name!r} (also {recons[name].name})"))
+        else:
+            recons[name] = path
+    return recons
 
 
 def warmup_frames(video: np.ndarray) -> int:
@@ -67,10 +157,10 @@ def warmup_frames(video: np.ndarray) -> int:
     return len(bright) if bright.all() else int(np.argmin(bright))
 
 
-def _case(speaker: str, path: Path) -> RawCase:
+def _case(speaker: str, path: Path, recon: Path | None) -> RawCase:
     stem = path.stem
     case_id = stem if stem.lower().startswith(speaker.lower()) else f"{speaker}_{stem}"
-    return RawCase(case_id=case_id, group=speaker, source=path)
+    return RawCase(case_id=case_id, group=speaker, source=path, extras={"recon": recon} if recon else {})
 
 
 def _decode(path: Path) -> tuple[list[np.ndarray], list[float], float]:
