@@ -193,6 +193,12 @@ def bad_recon(path: Path, problem: str) -> None:
     elif problem == "cut":
         write_recon(path, frames)
         path.write_bytes(path.read_bytes()[:1500])
+    elif problem in ("group", "empty", "dangling link"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with h5py.File(path, "w") as f:
+            {"group": lambda: f.create_group("recon"),
+             "empty": lambda: f.create_dataset("recon", data=h5py.Empty("f4")),
+             "dangling link": lambda: f.__setitem__("recon", h5py.SoftLink("/nowhere"))}[problem]()
     else:
         write_recon(path, *{
             "other name": (frames, "image"),
@@ -207,6 +213,9 @@ def bad_recon(path: Path, problem: str) -> None:
 @pytest.mark.parametrize("problem, message", [
     ("garbage", "corrupt or unreadable HDF5 file"),
     ("cut", "corrupt or unreadable HDF5 file"),
+    ("group", r"'recon' is a group, expected \(frames, height, width\) images"),
+    ("empty", "'recon' is an empty dataset"),
+    ("dangling link", "corrupt or unreadable HDF5 file: .*not found"),
     ("other name", r"no 'recon' dataset \(found: \['image'\]\)"),
     ("one frame", r"'recon' is float32 \(32, 32\), expected real \(frames, height, width\) images"),
     ("complex", r"'recon' is complex64 \(10, 32, 32\)"),
@@ -221,17 +230,40 @@ def test_a_bad_reconstruction_is_rejected_naming_the_file(tmp_path, problem, mes
         usc_timit.load_case(usc_timit.list_cases(tmp_path)[0])
 
 
-def test_a_reconstruction_without_its_video_a_second_one_and_a_stray_file_are_structural_problems(tmp_path):
+def test_a_damaged_reconstruction_raises_only_ingest_errors_wherever_the_damage_is(tmp_path):
+    frames = vocal_tract(10)
+    good = tmp_path / "good.h5"
+    write_recon(good, frames.astype(np.float32))
+    original, outcomes = good.read_bytes(), set()
+    for offset in range(0, 2048):  # superblock, object headers, heaps, B-trees, the start of the data
+        for value in (0x00, 0xFF):
+            damaged = tmp_path / "damaged.h5"
+            damaged.write_bytes(original[:offset] + bytes([value]) + original[offset + 1:])
+            try:
+                usc_timit.read_recon(damaged, frames)
+                outcomes.add("read")
+            except IngestError as exc:  # anything else would stop a whole ingest, even with on_error: skip
+                assert str(exc).startswith(f"{damaged}: ")
+                outcomes.add("rejected")
+    assert outcomes == {"read", "rejected"}
+
+
+def test_a_reconstruction_without_its_video_a_second_one_a_second_video_and_a_stray_file_are_problems(tmp_path):
     frames = vocal_tract(4)
     write_mp4(tmp_path / "sub001" / "2drt" / "video" / "a_video.mp4", frames)
+    write_mp4(tmp_path / "sub001" / "2drt" / "video" / "c.mp4", frames)
+    write_mp4(tmp_path / "sub001" / "2drt" / "video" / "c_video.mp4", frames)
     recons = tmp_path / "sub001" / "2drt" / "recon"
     write_recon(recons / "a_recon.h5", frames.astype(np.float32))
     write_recon(recons / "a.h5", frames.astype(np.float32))
     write_recon(recons / "b_recon.h5", frames.astype(np.float32))
     (recons / "notes.txt").write_text("reconstructed with lambda 0.08")
     scan = usc_timit.scan(tmp_path)
-    assert [(c.case_id, c.extras) for c in scan.cases] == [("sub001_a_video", {"recon": recons / "a.h5"})]
+    assert [(c.case_id, c.extras) for c in scan.cases] == [("sub001_a_video", {"recon": recons / "a.h5"}),
+                                                           ("sub001_c", {})]
+    videos = tmp_path / "sub001" / "2drt" / "video"
     assert sorted(str(p) for p in scan.problems) == sorted([
+        f"{videos / 'c_video.mp4'}: a second video of clip 'c' (also c.mp4)",
         f"{recons / 'a_recon.h5'}: a second reconstruction of clip 'a' (also a.h5)",
         f"{recons / 'b_recon.h5'}: reconstruction without its video (no video of clip 'b' in sub001/2drt/video/)",
         f"{recons / 'notes.txt'}: stray entry: expected only ['.h5'] files here",

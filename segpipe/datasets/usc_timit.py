@@ -52,6 +52,8 @@ def scan(raw: Path) -> Scan:
             if folder.is_dir():
                 videos, stray = split_by_suffix(folder, suffixes)
                 problems += stray
+                if sub in RECONS:  # a reconstruction must find one video, not one of two
+                    videos = _by_clip(videos, "video", problems)
                 cases += [_case(speaker.name, path, recons.pop(clip_name(path), None))
                           for _, path in sorted(videos.items())]
             problems += [IngestError(path, f"reconstruction without its video (no video of clip {name!r} "
@@ -110,11 +112,17 @@ def read_recon(path: Path, video: np.ndarray) -> tuple[np.ndarray, dict[str, Any
 def _recon_dataset(path: Path) -> np.ndarray:
     try:
         with h5py.File(path, "r") as f:
-            dataset = f.get(RECON_DATASET)
-            if not isinstance(dataset, h5py.Dataset):
+            if f.get(RECON_DATASET, getlink=True) is None:
                 raise IngestError(path, f"no {RECON_DATASET!r} dataset (found: {sorted(f)})")
+            dataset = f[RECON_DATASET]  # KeyError where the link does not resolve
+            if not isinstance(dataset, h5py.Dataset) or dataset.shape is None:
+                kind = (f"a {type(dataset).__name__.lower()}" if not isinstance(dataset, h5py.Dataset)
+                        else "an empty dataset")
+                raise IngestError(path, f"{RECON_DATASET!r} is {kind}, expected (frames, height, width) images")
             recon = dataset[()]
-    except OSError as exc:
+    # What h5py raises on a damaged file depends on where the damage is: a cut file gives OSError,
+    # a corrupt heap or B-tree RuntimeError, a corrupt datatype ValueError.
+    except (OSError, RuntimeError, ValueError, KeyError) as exc:
         raise IngestError(path, f"corrupt or unreadable HDF5 file: {exc}") from exc
     real = np.issubdtype(recon.dtype, np.floating) or np.issubdtype(recon.dtype, np.integer)
     if recon.ndim != 3 or not real or not recon.size:
@@ -139,14 +147,19 @@ def _recons(folder: Path, problems: list[IngestError]) -> dict[str, Path]:
         return {}
     files, stray = split_by_suffix(folder, {".h5"})
     problems += stray
-    recons: dict[str, Path] = {}
+    return _by_clip(files, "reconstruction", problems)
+
+
+def _by_clip(files: dict[str, Path], what: str, problems: list[IngestError]) -> dict[str, Path]:
+    """Files by clip name (clip_name); a second file of a clip goes to `problems`."""
+    clips: dict[str, Path] = {}
     for path in files.values():
         name = clip_name(path)
-        if name in recons:
-            problems.append(IngestError(path, f"a second reconstruction of clip {name!r} (also {recons[name].name})"))
+        if name in clips:
+            problems.append(IngestError(path, f"a second {what} of clip {name!r} (also {clips[name].name})"))
         else:
-            recons[name] = path
-    return recons
+            clips[name] = path
+    return clips
 
 
 def warmup_frames(video: np.ndarray) -> int:
