@@ -313,21 +313,21 @@ def _hashes(case: RawCase) -> list[str]:
 def _write(store: CaseStore, case: RawCase, data: CaseData, hashes: list[str], raw: Path,
            cfg: IngestConfig) -> None:
     kind = data.attrs.get("kind", IMAGE)
+    sha_of = dict(zip(case.files(), hashes))
     attrs: dict[str, Any] = {
         "group": case.group,
         "source": _relative(case.source, raw),
-        "sha256": hashes[0],
+        "sha256": sha_of[case.source],
         "original_size": list(data.image.shape[1:3] if kind == VIDEO else data.image.shape[:2]),
         "labelled": data.mask is not None,
         **data.attrs,
         "kind": kind,
     }
     if case.label is not None:
-        attrs.update(label_source=_relative(case.label, raw), label_sha256=hashes[1])
-    if case.extras:  # their hashes come last, in name order (RawCase.files)
-        names = sorted(case.extras)
-        attrs.update(extra_sources={name: _relative(case.extras[name], raw) for name in names},
-                     extra_sha256=dict(zip(names, hashes[-len(names):])))
+        attrs.update(label_source=_relative(case.label, raw), label_sha256=sha_of[case.label])
+    if case.extras:
+        attrs.update(extra_sources={name: _relative(path, raw) for name, path in case.extras.items()},
+                     extra_sha256={name: sha_of[path] for name, path in case.extras.items()})
     masks = {} if data.mask is None else {"mask": data.mask}
     store.write_case(case.case_id, attrs, {"image": data.image, **masks, **data.arrays}, cfg.chunk,
                      cfg.video_chunk_frames)

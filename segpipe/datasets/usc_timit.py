@@ -115,10 +115,11 @@ def _recon_dataset(path: Path) -> np.ndarray:
             if f.get(RECON_DATASET, getlink=True) is None:
                 raise IngestError(path, f"no {RECON_DATASET!r} dataset (found: {sorted(f)})")
             dataset = f[RECON_DATASET]  # KeyError where the link does not resolve
-            if not isinstance(dataset, h5py.Dataset) or dataset.shape is None:
-                kind = (f"a {type(dataset).__name__.lower()}" if not isinstance(dataset, h5py.Dataset)
-                        else "an empty dataset")
-                raise IngestError(path, f"{RECON_DATASET!r} is {kind}, expected (frames, height, width) images")
+            if not isinstance(dataset, h5py.Dataset):
+                raise IngestError(path, f"{RECON_DATASET!r} is a {type(dataset).__name__.lower()}, expected "
+                                        "(frames, height, width) images")
+            if dataset.shape is None:
+                raise IngestError(path, f"{RECON_DATASET!r} is an empty dataset")
             recon = dataset[()]
     # What h5py raises on a damaged file depends on where the damage is: a cut file gives OSError,
     # a corrupt heap or B-tree RuntimeError, a corrupt datatype ValueError.
