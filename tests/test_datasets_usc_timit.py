@@ -1,10 +1,8 @@
 """The speech-MRI video reader: the two real clips, and small synthetic AVIs for the rest."""
 from __future__ import annotations
 
-from fractions import Fraction
 from pathlib import Path
 
-import av
 import h5py
 import numpy as np
 import pytest
@@ -12,45 +10,11 @@ import pytest
 from segpipe.datasets import usc_timit
 from segpipe.errors import IngestError
 from tests.conftest import SHARED_DATA, needs_shared_data
+from tests.usc_files import vocal_tract, write_avi, write_mp4, write_recon
 from tests.usc_phantom import decode
 
 F2 = SHARED_DATA / "usc-timit"
 SUB001 = SHARED_DATA / "usc-75-speaker"
-
-
-def write_avi(path: Path, frames: np.ndarray, fps: float = 23.18) -> None:
-    """Uncompressed BGR24 AVI of grey frames, as the USC-TIMIT release stores them."""
-    write_video(path, frames, fps, "rawvideo", "bgr24")
-
-
-def write_mp4(path: Path, frames: np.ndarray, fps: float = 83.28) -> None:
-    """MPEG-4 video of grey frames (lossy), as the USC 75-speaker release stores them."""
-    write_video(path, frames, fps, "mpeg4", "yuv420p")
-
-
-def write_video(path: Path, frames: np.ndarray, fps: float, codec: str, pix_fmt: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), "w") as container:  # the container format follows the suffix
-        stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1000))
-        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], pix_fmt
-        for grey in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(grey, format="gray").reformat(format=pix_fmt)))
-        container.mux(stream.encode())
-
-
-def write_recon(path: Path, data: np.ndarray, name: str = "recon") -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with h5py.File(path, "w") as f:
-        f.create_dataset(name, data=data)
-
-
-def vocal_tract(n: int = 10, size: int = 32) -> np.ndarray:
-    """Frames that a transpose changes: bright on the left, a dark passage along the top right."""
-    y, x = np.mgrid[:size, :size]
-    frame = 200 - 4 * x + 30 * np.sin(y / 3)
-    frame[2:6, size // 2:] = 20
-    moving = [np.roll(frame, t % 3, axis=0) for t in range(n)]
-    return np.clip(moving, 0, 255).astype(np.uint8)
 
 
 def clip(n: int = 12, warmup: int = 0, size: int = 16) -> np.ndarray:

@@ -27,7 +27,7 @@ from segpipe.parallel import dask_client
 from segpipe.store import CaseStore
 from tasks import ingest as stage
 from tests.conftest import SHARED_DATA, needs_shared_data
-from tests.test_datasets_usc_timit import vocal_tract, write_mp4, write_recon
+from tests.usc_files import vocal_tract, write_mp4, write_recon
 from tests.hanging_worker import HANG_AT
 from tests.pipeline_repo import dvc, make_repo, ran_stages
 
