@@ -12,6 +12,7 @@ from PIL import Image
 from segpipe.datasets import hand_xray
 from segpipe.errors import IngestError
 from tests.conftest import SHARED_DATA, needs_shared_data
+from tests.polygons import centres_in_or_on
 
 RSNA = SHARED_DATA / "hand-xray-rsna"
 
@@ -62,6 +63,48 @@ def test_triangle_sets_exactly_the_pixels_whose_centre_is_inside_or_on_it():
     expected = (xx + 2 * yy <= 6).astype(np.uint8)
     assert expected.sum() == 7 + 5 + 3 + 1
     np.testing.assert_array_equal(mask[28], expected)
+
+
+def test_a_centre_outside_the_polygon_by_less_than_half_a_pixel_is_not_set():
+    # Inside or on the triangle (0,0), (4,0), (0,3) means x >= 0, y >= 0 and 3x + 4y <= 12. PIL's
+    # fill also set (3, 1), whose centre is 1/4 pixel outside the slanted edge.
+    mask = hand_xray.rasterise([{"label": "Lunate", "points": [[0, 0], [4, 0], [0, 3]]}], (6, 6), Path("x.json"))
+    yy, xx = np.mgrid[:6, :6]
+    expected = (3 * xx + 4 * yy <= 12).astype(np.uint8)
+    assert expected.sum() == 5 + 3 + 2 + 1 and not expected[1, 3]
+    np.testing.assert_array_equal(mask[hand_xray.CHANNEL["Lunate"]], expected)
+
+
+def test_fractional_vertices_are_kept_not_truncated():
+    # Corners at half pixels hold the centres of rows 1..2, columns 1..4; truncated to (0,0)-(4,2)
+    # (as PIL did) they would also hold row 0 and column 0. A sliver between two rows of centres holds none.
+    square = [[0.5, 0.5], [4.5, 0.5], [4.5, 2.5], [0.5, 2.5]]
+    sliver = [[1.2, 1.2], [10.2, 1.4], [10.2, 1.6], [1.2, 1.6]]
+    mask = hand_xray.rasterise([{"label": "Radius", "points": square}, {"label": "Ulna", "points": sliver}],
+                               (6, 12), Path("x.json"))
+    expected = np.zeros((6, 12), np.uint8)
+    expected[1:3, 1:5] = 1
+    np.testing.assert_array_equal(mask[hand_xray.CHANNEL["Radius"]], expected)
+    assert mask[hand_xray.CHANNEL["Ulna"]].sum() == 0
+
+
+def test_random_polygons_fill_exactly_the_centres_an_independent_per_pixel_test_finds():
+    # Concave, self-intersecting (even-odd), repeated vertices, up to a pixel outside the image,
+    # vertices on a 1/q grid so that both computations are exact in floating point.
+    rng = np.random.default_rng(0)
+    height, width = 20, 24
+    tried = 0
+    while tried < 1000:
+        q = int(rng.choice([1, 2, 4, 8]))
+        xy = np.stack([rng.integers(-q, (width + 1) * q, 7), rng.integers(-q, (height + 1) * q, 7)], axis=1) / q
+        xy = xy[: rng.integers(3, 8)]
+        if abs(np.dot(xy[:, 0], np.roll(xy[:, 1], -1)) - np.dot(xy[:, 1], np.roll(xy[:, 0], -1))) < 1e-9:
+            continue  # zero area: rejected by the reader
+        tried += 1
+        rows, cols, inside = hand_xray.fill_polygon(xy, height, width)
+        got = np.zeros((height, width), bool)
+        got[rows, cols] = inside
+        np.testing.assert_array_equal(got, centres_in_or_on(xy, height, width), err_msg=str(xy.tolist()))
 
 
 def test_overlapping_bones_keep_both_channels_and_polygons_of_one_class_add_up(tmp_path):

@@ -20,7 +20,8 @@ from distributed import LocalCluster
 from distributed.diagnostics.plugin import SchedulerPlugin
 from PIL import Image
 
-from segpipe.config import DaskConfig, IngestConfig
+from segpipe.config import DaskConfig, HandXrayDemo, IngestConfig
+from segpipe.datasets import demo_hand
 from segpipe.errors import IngestError
 from segpipe.ingest import IngestReport, ingest, map_bounded
 from segpipe.parallel import dask_client
@@ -30,6 +31,7 @@ from tests.conftest import SHARED_DATA, needs_shared_data
 from tests.usc_files import vocal_tract, write_mp4, write_recon
 from tests.hanging_worker import HANG_AT
 from tests.pipeline_repo import dvc, make_repo, ran_stages
+from tests.polygons import centres_in_or_on
 
 ROOT = Path(__file__).resolve().parents[1]
 FAIL, SKIP = IngestConfig(on_error="fail"), IngestConfig(on_error="skip")
@@ -185,6 +187,22 @@ def test_synthetic_hand_layout_writes_29_channel_masks_for_train_and_none_for_te
     assert store.case_attrs("g1")["label_source"] == "train/outputs_json/ID001/g1.json"
     assert {k: store.case_attrs("g2")[k] for k in ("split", "labelled", "group")} == {
         "split": "test", "labelled": False, "group": "ID040"}
+
+
+def test_demo_hand_masks_in_the_store_equal_an_independent_rasterisation_of_their_polygons(tmp_path, client):
+    demo_hand.write(tmp_path, HandXrayDemo(n_patients=2, n_test_patients=0, size=2048), seed=0)
+    ingest("hand_xray", tmp_path / "hand_xray", tmp_path / "h.zarr", FAIL, client)
+    store = CaseStore(tmp_path / "h.zarr")
+    assert len(store.case_ids()) == 4
+    for case_id in store.case_ids():
+        doc = json.loads((tmp_path / "hand_xray" / store.case_attrs(case_id)["label_source"]).read_text())
+        expected = np.zeros((len(store.classes), 2048, 2048), bool)
+        for annotation in doc["annotations"]:
+            expected[store.classes.index(annotation["label"])] |= centres_in_or_on(annotation["points"], 2048, 2048)
+        assert expected.any(axis=(1, 2)).all()  # every one of the 29 bones is drawn
+        mask = store.array(case_id, "mask")[:]
+        assert mask.dtype == np.uint8 and mask.max() == 1
+        np.testing.assert_array_equal(mask.astype(bool), expected, err_msg=case_id)
 
 
 @needs_shared_data

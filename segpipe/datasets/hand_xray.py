@@ -4,19 +4,22 @@
 every image needs its JSON (and every JSON its image); a split without one (the usual `test`)
 is ingested unlabelled. The patient folder is the group. Images may be any size.
 
-Pixel convention of the masks: the polygon's vertices are pixel centres (x = column, y = row),
-and a pixel is set when its centre lies inside the polygon or on its boundary. That is what
-PIL's `ImageDraw.polygon` fill does; tests pin it against hand-computed pixel sets. Each class
-is one channel and polygons of different classes may overlap.
+Pixel convention of the masks: the polygon's vertices are in pixel coordinates with pixel centres
+at integers (x = column, y = row), and a pixel is set exactly when its centre lies inside the
+polygon (even-odd rule) or on its boundary. Vertices keep their fractions. (PIL's
+`ImageDraw.polygon` was used first: it truncates vertices to integers and also sets the pixels of
+its outline whose centres lie outside, 0.85% of a demo hand's bone pixels.) Tests pin the rule
+against hand-computed pixel sets and an independent per-pixel test. Each class is one channel and
+polygons of different classes may overlap.
 """
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw
 
 from segpipe.datasets import CaseData, RawCase, Scan, open_image, split_by_suffix, visible
 from segpipe.errors import IngestError
@@ -57,20 +60,53 @@ def load_case(case: RawCase) -> CaseData:
 def rasterise(annotations: list[dict[str, Any]], shape: tuple[int, ...], where: Path) -> np.ndarray:
     """(C, H, W) uint8 multi-label mask: each polygon filled into its class channel."""
     height, width = shape[:2]
-    polygons: dict[int, list[list[tuple[float, float]]]] = {}
+    mask = np.zeros((len(CLASSES), height, width), dtype=np.uint8)
     for i, ann in enumerate(annotations):
         label = ann.get("label")
         if label not in CHANNEL:
             raise IngestError(where, f"annotation {i}: unknown label {label!r}")
-        points = _polygon(ann.get("points"), f"annotation {i} ({label})", (height, width), where)
-        polygons.setdefault(CHANNEL[label], []).append(points)
-    mask = np.zeros((len(CLASSES), height, width), dtype=np.uint8)
-    for channel, shapes in polygons.items():  # one canvas at a time: a 2048^2 case stays ~1 mask in memory
-        canvas = Image.new("L", (width, height), 0)
-        for points in shapes:
-            ImageDraw.Draw(canvas).polygon(points, fill=1)
-        mask[channel] = np.asarray(canvas)
+        xy = _polygon(ann.get("points"), f"annotation {i} ({label})", (height, width), where)
+        rows, cols, inside = fill_polygon(xy, height, width)
+        mask[CHANNEL[label], rows, cols] |= inside
     return mask
+
+
+def fill_polygon(xy: np.ndarray, height: int, width: int) -> tuple[slice, slice, np.ndarray]:
+    """The pixels of the polygon `xy` ((N, 2) x, y vertices) under the module's convention: a bool
+    array over the polygon's bounding box clipped to the image, and the rows and columns it covers."""
+    top, bottom = max(math.ceil(xy[:, 1].min()), 0), min(math.floor(xy[:, 1].max()), height - 1)
+    left, right = max(math.ceil(xy[:, 0].min()), 0), min(math.floor(xy[:, 0].max()), width - 1)
+    if bottom < top or right < left:  # no pixel centre within reach
+        return slice(0, 0), slice(0, 0), np.zeros((0, 0), dtype=bool)
+    (px, py), (qx, qy) = xy.T, np.roll(xy, -1, axis=0).T  # edge i runs from vertex i to vertex i + 1
+    low, high = np.minimum(py, qy), np.maximum(py, qy)
+    y = np.arange(top, bottom + 1, dtype=np.float64)[:, None]  # rows of centres against edges
+    with np.errstate(divide="ignore", invalid="ignore"):  # horizontal edges, masked out below
+        x = px + (y - py) * (qx - px) / (qy - py)  # in this order, integer vertices cross exactly
+    sloped = low < high
+    # Inside: between pairs of sorted crossings, each edge counted on [low, high) so that a vertex
+    # is crossed once. Centres on the boundary are added apart: that count misses bottom vertices
+    # and horizontal edges.
+    crossings = np.sort(np.where(sloped & (low <= y) & (y < high), x, np.inf), axis=1)
+    pairs = crossings.shape[1] // 2 * 2
+    starts, ends = crossings[:, 0:pairs:2], crossings[:, 1:pairs:2]
+    inner = np.isfinite(ends)
+    on = sloped & (low <= y) & (y <= high) & (x == np.floor(x))
+    flat = ~sloped & (py == np.floor(py)) & (top <= py) & (py <= bottom)
+    runs = (np.concatenate([np.nonzero(inner)[0], np.nonzero(on)[0], (py[flat] - top).astype(np.intp)]),
+            np.concatenate([starts[inner], x[on], np.minimum(px, qx)[flat]]),
+            np.concatenate([ends[inner], x[on], np.maximum(px, qx)[flat]]))
+    return slice(top, bottom + 1), slice(left, right + 1), _paint(*runs, bottom - top + 1, left, right)
+
+
+def _paint(rows: np.ndarray, start: np.ndarray, end: np.ndarray, n_rows: int, left: int, right: int) -> np.ndarray:
+    """(n_rows, right - left + 1) bool, set at the centres x of each run: start <= x <= end in its row."""
+    first = np.clip(np.ceil(start), left, right + 1).astype(np.intp) - left
+    stop = np.maximum(np.clip(np.floor(end), left - 1, right).astype(np.intp) + 1 - left, first)
+    counts = np.zeros((n_rows, right - left + 2), dtype=np.int32)  # runs overlap: count them
+    np.add.at(counts, (rows, first), 1)
+    np.add.at(counts, (rows, stop), -1)
+    return np.cumsum(counts[:, :-1], axis=1) > 0
 
 
 def _scan_split(root: Path, split: str) -> tuple[list[RawCase], list[IngestError]]:
@@ -135,7 +171,7 @@ def _annotations(path: Path) -> list[dict[str, Any]]:
     return annotations
 
 
-def _polygon(points: Any, what: str, size: tuple[int, int], where: Path) -> list[tuple[float, float]]:
+def _polygon(points: Any, what: str, size: tuple[int, int], where: Path) -> np.ndarray:
     try:
         xy = np.asarray(points, dtype=np.float64)
     except (TypeError, ValueError):
@@ -151,4 +187,4 @@ def _polygon(points: Any, what: str, size: tuple[int, int], where: Path) -> list
     limit = np.array([width, height]) - 1 + EDGE_SLACK
     if (xy.min(axis=0) < -EDGE_SLACK).any() or (xy.max(axis=0) > limit).any():
         raise IngestError(where, f"{what}: polygon outside the {width}x{height} image (image/mask size mismatch)")
-    return [(float(a), float(b)) for a, b in xy]
+    return xy
