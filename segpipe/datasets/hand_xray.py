@@ -6,7 +6,9 @@ is ingested unlabelled. The patient folder is the group. Images may be any size.
 
 Pixel convention of the masks: the polygon's vertices are in pixel coordinates with pixel centres
 at integers (x = column, y = row), and a pixel is set exactly when its centre lies inside the
-polygon (even-odd rule) or on its boundary. Vertices keep their fractions. (PIL's
+polygon (even-odd rule) or on its boundary. Vertices keep their fractions; "on" is exact for
+integer and binary fractions (0.5, 0.25, ...), while with others such as 0.1 a centre within
+~1e-15 px of an edge may fall either way, as with any floating-point test. (PIL's
 `ImageDraw.polygon` was used first: it truncates vertices to integers and also sets the pixels of
 its outline whose centres lie outside, 0.85% of a demo hand's bone pixels.) Tests pin the rule
 against hand-computed pixel sets and an independent per-pixel test. Each class is one channel and
