@@ -89,11 +89,12 @@ def fill_polygon(xy: np.ndarray, height: int, width: int) -> tuple[slice, slice,
     # Inside: between pairs of sorted crossings, each edge counted on [low, high) so that a vertex
     # is crossed once. Centres on the boundary are added apart: that count misses bottom vertices
     # and horizontal edges.
-    crossings = np.sort(np.where(sloped & (low <= y) & (y < high), x, np.inf), axis=1)
+    reached = sloped & (low <= y)
+    crossings = np.sort(np.where(reached & (y < high), x, np.inf), axis=1)
     pairs = crossings.shape[1] // 2 * 2
     starts, ends = crossings[:, 0:pairs:2], crossings[:, 1:pairs:2]
     inner = np.isfinite(ends)
-    on = sloped & (low <= y) & (y <= high) & (x == np.floor(x))
+    on = reached & (y <= high) & (x == np.floor(x))
     flat = ~sloped & (py == np.floor(py)) & (top <= py) & (py <= bottom)
     runs = (np.concatenate([np.nonzero(inner)[0], np.nonzero(on)[0], (py[flat] - top).astype(np.intp)]),
             np.concatenate([starts[inner], x[on], np.minimum(px, qx)[flat]]),
