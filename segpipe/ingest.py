@@ -35,6 +35,7 @@ from typing import Any
 from distributed import Client, as_completed, wait
 
 import segpipe.datasets
+import segpipe.sparse_mask
 import segpipe.store
 import segpipe.zarr_files
 from segpipe.atomic import atomic_dir
@@ -244,7 +245,8 @@ def _root_attrs(attrs: dict[str, Any], report: IngestReport) -> dict[str, Any]:
 def _code_fingerprint(module: ModuleType) -> str:
     """sha256 of the sources that decide a case's stored bytes and attrs: a change to any of them
     (a reader fix, a new attr) must reach every case, not only the new ones."""
-    sources = [inspect.getsourcefile(m) for m in (module, segpipe.datasets, segpipe.store, segpipe.zarr_files)]
+    sources = [inspect.getsourcefile(m)
+               for m in (module, segpipe.datasets, segpipe.store, segpipe.zarr_files, segpipe.sparse_mask)]
     sources.append(__file__)
     return ":".join(sha256(Path(source))[:16] for source in sources)
 

@@ -33,6 +33,8 @@ from zarr.core.group import GroupMetadata
 from zarr.core.indexing import morton_order_iter
 from zarr.core.metadata import ArrayV3Metadata
 
+from segpipe.sparse_mask import SparseMask
+
 METADATA = "zarr.json"
 # Chunk keys "c.0.0" rather than zarr's default "c/0/0": the key of an array's one file then needs
 # no directories of its own (creating one cost as much as writing a file on the machines measured),
@@ -51,14 +53,14 @@ def write_group(path: Path, attrs: dict[str, Any]) -> None:
     _write_file(path / METADATA, _json(GroupMetadata(attributes=attrs).to_dict()))
 
 
-def write_array(path: Path, data: np.ndarray, chunks: tuple[int, ...]) -> None:
+def write_array(path: Path, data: np.ndarray | SparseMask, chunks: tuple[int, ...]) -> None:
     """`data` as an array at `path`, replacing whatever was there, in one file: a single chunk when
-    `chunks` is the whole array, else one shard holding every chunk (chunk-aligned, covering it)."""
+    `chunks` is the whole array, else one shard holding every chunk (chunk-aligned, covering it).
+    A SparseMask is made dense one chunk at a time."""
     chunks = tuple(chunks)
     shards = None if chunks == data.shape else tuple(-(-s // c) * c for s, c in zip(data.shape, chunks))
     document, blosc = _array_encoding(data.shape, data.dtype.str, chunks, shards)
-    data = np.ascontiguousarray(data, dtype=data.dtype.newbyteorder("<"))  # the bytes codec is little-endian
-    body = blosc.encode(data) if shards is None else _encode_shard(data, chunks, shards, blosc)
+    body = blosc.encode(_chunk(np.asarray(data))) if shards is None else _encode_shard(data, chunks, shards, blosc)
     _empty_dir(path)
     _write_file(path / METADATA, document)
     _write_file(path / ".".join(["c"] + ["0"] * data.ndim), body)  # the key of the one chunk or shard
@@ -113,7 +115,7 @@ def _numcodecs_blosc(metadata: ArrayV3Metadata) -> numcodecs.Blosc:
                            blocksize=blosc.blocksize, typesize=blosc.typesize)
 
 
-def _encode_shard(data: np.ndarray, chunks: tuple[int, ...], shards: tuple[int, ...],
+def _encode_shard(data: np.ndarray | SparseMask, chunks: tuple[int, ...], shards: tuple[int, ...],
                   blosc: numcodecs.Blosc) -> bytes:
     """The sharding_indexed codec's bytes for one shard: the chunks in Morton order, then the index
     of (offset, length) per chunk as little-endian uint64 and its crc32c (index_location "end")."""
@@ -126,12 +128,17 @@ def _encode_shard(data: np.ndarray, chunks: tuple[int, ...], shards: tuple[int, 
             padded = np.zeros(chunks, dtype=data.dtype)
             padded[tuple(slice(0, n) for n in chunk.shape)] = chunk
             chunk = padded
-        encoded = blosc.encode(np.ascontiguousarray(chunk))
+        encoded = blosc.encode(_chunk(chunk))
         index[coords] = offset, len(encoded)
         pieces.append(encoded)
         offset += len(encoded)
     index_bytes = index.tobytes()
     return b"".join([*pieces, index_bytes, np.array([google_crc32c.value(index_bytes)], dtype="<u4").tobytes()])
+
+
+def _chunk(array: np.ndarray) -> np.ndarray:
+    """A chunk's bytes as the bytes codec lays them out: C order, little-endian."""
+    return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
 
 
 def _json(document: dict[str, Any]) -> bytes:

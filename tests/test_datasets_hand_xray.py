@@ -49,7 +49,7 @@ def test_classes_are_the_29_bones_in_the_label_spec_order():
 
 
 def test_rectangle_with_vertices_on_pixel_centres_fills_its_boundary_inclusive():
-    mask = hand_xray.rasterise([{"label": "finger-1", "points": RECTANGLE}], (10, 10), Path("x.json"))
+    mask = np.asarray(hand_xray.rasterise([{"label": "finger-1", "points": RECTANGLE}], (10, 10), Path("x.json")))
     expected = np.zeros((10, 10), np.uint8)
     expected[3:9, 2:7] = 1  # rows 3..8, columns 2..6: centres inside or on the edges
     np.testing.assert_array_equal(mask[0], expected)
@@ -57,7 +57,7 @@ def test_rectangle_with_vertices_on_pixel_centres_fills_its_boundary_inclusive()
 
 
 def test_triangle_sets_exactly_the_pixels_whose_centre_is_inside_or_on_it():
-    mask = hand_xray.rasterise([{"label": "Ulna", "points": TRIANGLE}], (10, 10), Path("x.json"))
+    mask = np.asarray(hand_xray.rasterise([{"label": "Ulna", "points": TRIANGLE}], (10, 10), Path("x.json")))
     # Inside or on the triangle (0,0), (6,0), (0,3) means x >= 0, y >= 0 and x + 2y <= 6.
     yy, xx = np.mgrid[:10, :10]
     expected = (xx + 2 * yy <= 6).astype(np.uint8)
@@ -68,7 +68,8 @@ def test_triangle_sets_exactly_the_pixels_whose_centre_is_inside_or_on_it():
 def test_a_centre_outside_the_polygon_by_less_than_half_a_pixel_is_not_set():
     # Inside or on the triangle (0,0), (4,0), (0,3) means x >= 0, y >= 0 and 3x + 4y <= 12. PIL's
     # fill also set (3, 1), whose centre is 1/4 pixel outside the slanted edge.
-    mask = hand_xray.rasterise([{"label": "Lunate", "points": [[0, 0], [4, 0], [0, 3]]}], (6, 6), Path("x.json"))
+    lunate = [{"label": "Lunate", "points": [[0, 0], [4, 0], [0, 3]]}]
+    mask = np.asarray(hand_xray.rasterise(lunate, (6, 6), Path("x.json")))
     yy, xx = np.mgrid[:6, :6]
     expected = (3 * xx + 4 * yy <= 12).astype(np.uint8)
     assert expected.sum() == 5 + 3 + 2 + 1 and not expected[1, 3]
@@ -80,8 +81,8 @@ def test_fractional_vertices_are_kept_not_truncated():
     # (as PIL did) they would also hold row 0 and column 0. A sliver between two rows of centres holds none.
     square = [[0.5, 0.5], [4.5, 0.5], [4.5, 2.5], [0.5, 2.5]]
     sliver = [[1.2, 1.2], [10.2, 1.4], [10.2, 1.6], [1.2, 1.6]]
-    mask = hand_xray.rasterise([{"label": "Radius", "points": square}, {"label": "Ulna", "points": sliver}],
-                               (6, 12), Path("x.json"))
+    mask = np.asarray(hand_xray.rasterise([{"label": "Radius", "points": square}, {"label": "Ulna", "points": sliver}],
+                                          (6, 12), Path("x.json")))
     expected = np.zeros((6, 12), np.uint8)
     expected[1:3, 1:5] = 1
     np.testing.assert_array_equal(mask[hand_xray.CHANNEL["Radius"]], expected)
@@ -112,7 +113,7 @@ def test_overlapping_bones_keep_both_channels_and_polygons_of_one_class_add_up(t
     ulna = [[4, 5], [9, 5], [9, 9], [4, 9]]  # rows 5..9, columns 4..9: overlaps the rectangle
     annotations = [("Radius", RECTANGLE), ("Ulna", ulna), ("Radius", second_radius)]
     write_xray(tmp_path, "train", "ID001", "img1_R", annotations)
-    mask = only_case(tmp_path).mask
+    mask = np.asarray(only_case(tmp_path).mask)
     radius, ulna = mask[hand_xray.CHANNEL["Radius"]], mask[hand_xray.CHANNEL["Ulna"]]
     assert radius.sum() == 6 * 5 + 11 * 11 and (radius[20:31, 20:31] == 1).all()
     assert ulna.sum() == 5 * 6

@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from segpipe.errors import ConfigError, IngestError
+from segpipe.sparse_mask import SparseMask
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,7 @@ class CaseData:
     """One decoded case: what ingest writes to the store."""
 
     image: np.ndarray
-    mask: np.ndarray | None
+    mask: np.ndarray | SparseMask | None
     attrs: dict[str, Any]
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
 

@@ -25,6 +25,7 @@ import numpy as np
 
 from segpipe.datasets import CaseData, RawCase, Scan, open_image, split_by_suffix, visible
 from segpipe.errors import IngestError
+from segpipe.sparse_mask import SparseMask
 
 CARPALS = ["Trapezium", "Trapezoid", "Capitate", "Hamate", "Scaphoid", "Lunate", "Triquetrum", "Pisiform"]
 CLASSES = [f"finger-{i}" for i in range(1, 20)] + CARPALS + ["Radius", "Ulna"]
@@ -59,17 +60,17 @@ def load_case(case: RawCase) -> CaseData:
     return CaseData(image=image, mask=mask, attrs=attrs)
 
 
-def rasterise(annotations: list[dict[str, Any]], shape: tuple[int, ...], where: Path) -> np.ndarray:
-    """(C, H, W) uint8 multi-label mask: each polygon filled into its class channel."""
+def rasterise(annotations: list[dict[str, Any]], shape: tuple[int, ...], where: Path) -> SparseMask:
+    """(C, H, W) uint8 multi-label mask: each polygon filled into its class channel (held as the
+    polygons' filled bounding boxes: the dense mask of a 2048 px hand is 121 MB, see SparseMask)."""
     height, width = shape[:2]
-    mask = np.zeros((len(CLASSES), height, width), dtype=np.uint8)
+    mask = SparseMask((len(CLASSES), height, width))
     for i, ann in enumerate(annotations):
         label = ann.get("label")
         if label not in CHANNEL:
             raise IngestError(where, f"annotation {i}: unknown label {label!r}")
         xy = _polygon(ann.get("points"), f"annotation {i} ({label})", (height, width), where)
-        rows, cols, inside = fill_polygon(xy, height, width)
-        mask[CHANNEL[label], rows, cols] |= inside
+        mask.add(CHANNEL[label], *fill_polygon(xy, height, width))
     return mask
 
 

@@ -1,0 +1,52 @@
+"""segpipe.sparse_mask reads like the dense mask it stands for."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from segpipe.sparse_mask import SparseMask
+
+SHAPE = (5, 37, 53)
+
+
+def random_mask(rng: np.random.Generator, n_patches: int) -> tuple[SparseMask, np.ndarray]:
+    """Patches anywhere, several per channel, overlapping each other, some touching the edges or
+    empty; and the dense mask built by numpy alone."""
+    sparse, dense = SparseMask(SHAPE), np.zeros(SHAPE, np.uint8)
+    for _ in range(n_patches):
+        channel = int(rng.integers(SHAPE[0]))
+        top, left = int(rng.integers(SHAPE[1])), int(rng.integers(SHAPE[2]))
+        rows = slice(top, int(rng.integers(top, SHAPE[1] + 1)))
+        cols = slice(left, int(rng.integers(left, SHAPE[2] + 1)))
+        patch = rng.random((rows.stop - rows.start, cols.stop - cols.start)) < 0.6
+        sparse.add(channel, rows, cols, patch)
+        dense[channel, rows, cols] |= patch
+    return sparse, dense
+
+
+def test_every_region_equals_that_region_of_the_dense_mask():
+    rng = np.random.default_rng(0)
+    sparse, dense = random_mask(rng, 40)
+    assert dense.any() and not dense.all()  # the patches overlap some but not all of the mask
+    np.testing.assert_array_equal(np.asarray(sparse), dense)
+    assert np.asarray(sparse, dtype=bool).dtype == bool and sparse.shape == SHAPE and sparse.ndim == 3
+    for _ in range(300):  # starts and stops anywhere, past the shape (clipped as numpy clips) or empty
+        key = tuple(slice(int(rng.integers(-2, n + 3)), int(rng.integers(-2, n + 3))) for n in SHAPE)
+        region = sparse[key]
+        assert region.dtype == np.uint8
+        np.testing.assert_array_equal(region, dense[key], err_msg=str(key))
+
+
+def test_reading_a_region_returns_a_new_array_not_the_patches():
+    sparse = SparseMask((1, 4, 4))
+    patch = np.ones((2, 2), bool)
+    sparse.add(0, slice(1, 3), slice(1, 3), patch)
+    sparse[:, :, :][0, 1, 1] = 0
+    assert np.asarray(sparse).sum() == 4 and patch.all()
+
+
+@pytest.mark.parametrize("key", [(0, slice(None), slice(None)), (slice(None), slice(None)),
+                                 (slice(None), slice(None, None, 2), slice(None))])
+def test_other_indexing_is_refused(key):
+    with pytest.raises(IndexError, match="three step-1 slices"):
+        SparseMask(SHAPE)[key]
