@@ -14,7 +14,8 @@ import numpy as np
 
 
 class SparseMask:
-    """A (C, H, W) uint8 mask, 0 except where patches were `add`ed (ORed in, so overlaps add up).
+    """A (C, H, W) uint8 mask of 0 and 1: 1 wherever an `add`ed patch is set (patches are ORed, so
+    where they overlap it stays 1).
 
     Reading it is numpy's: `mask[c0:c1, r0:r1, x0:x1]` (slices, step 1, clipped to the shape as
     numpy clips them) is a new dense uint8 array of that region, `np.asarray(mask)` the whole mask.
@@ -28,11 +29,19 @@ class SparseMask:
         self._patches: list[tuple[int, slice, slice, np.ndarray]] = []
 
     def add(self, channel: int, rows: slice, cols: slice, patch: np.ndarray) -> None:
-        """Set `patch` (bool, shaped as rows x cols, both step 1 and within the shape) into `channel`."""
+        """OR `patch` (bool) into `channel` over `rows` x `cols` (explicit step-1 bounds within the shape)."""
+        n_channels, height, width = self.shape
+        fits = (0 <= channel < n_channels and 0 <= rows.start <= rows.stop <= height
+                and 0 <= cols.start <= cols.stop <= width
+                and patch.shape == (rows.stop - rows.start, cols.stop - cols.start))
+        if not fits or rows.step not in (None, 1) or cols.step not in (None, 1):
+            raise ValueError(f"patch {patch.shape} at channel {channel}, rows {rows}, cols {cols} "
+                             f"does not fit a mask of shape {self.shape}")
         self._patches.append((channel, rows, cols, patch))
 
     def __getitem__(self, key: tuple[slice, slice, slice]) -> np.ndarray:
-        if len(key) != 3 or not all(isinstance(k, slice) and k.step in (None, 1) for k in key):
+        if not (isinstance(key, tuple) and len(key) == 3
+                and all(isinstance(k, slice) and k.step in (None, 1) for k in key)):
             raise IndexError(f"a SparseMask is read by three step-1 slices, not {key!r}")
         (c0, c1), (r0, r1), (x0, x1) = (k.indices(n)[:2] for k, n in zip(key, self.shape))
         c1, r1, x1 = max(c0, c1), max(r0, r1), max(x0, x1)
@@ -47,4 +56,4 @@ class SparseMask:
 
     def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
         dense = self[:, :, :]
-        return dense if dtype is None else dense.astype(dtype)
+        return dense if dtype is None else dense.astype(dtype, copy=False)

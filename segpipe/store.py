@@ -36,6 +36,7 @@ from zarr.core.sync import _get_loop, sync
 
 from segpipe import zarr_files
 from segpipe.errors import StoreError
+from segpipe.sparse_mask import SparseMask
 from segpipe.zarr_files import CHUNK_KEY_ENCODING, COMPRESSOR
 
 IMAGE, VIDEO = "image", "video"
@@ -124,8 +125,9 @@ class CaseStore:
     def _no_array(self, case_id: str, name: str) -> str:
         return f"{self.path}: case {case_id!r} has no {name!r} array"
 
-    def write_case(self, case_id: str, attrs: dict[str, Any], arrays: dict[str, np.ndarray] | None = None,
-                   chunk: int = 512, frames: int = 16) -> None:
+    def write_case(self, case_id: str, attrs: dict[str, Any],
+                   arrays: dict[str, np.ndarray | SparseMask] | None = None, chunk: int = 512,
+                   frames: int = 16) -> None:
         """Create (or replace) a case group with its attrs and, where given, its whole arrays (see
         write_array)."""
         zarr_files.write_group(self.path / case_id, {"case_id": case_id, **attrs})
@@ -147,7 +149,8 @@ class CaseStore:
         self._write_array(case_id, name, data, self.case_attrs(case_id).get("kind", IMAGE), chunk, frames)
         return self.array(case_id, name)
 
-    def _write_array(self, case_id: str, name: str, data: np.ndarray, kind: str, chunk: int, frames: int) -> None:
+    def _write_array(self, case_id: str, name: str, data: np.ndarray | SparseMask, kind: str, chunk: int,
+                     frames: int) -> None:
         # One file: a shard for the whole array, or the one chunk where that is the whole array (a
         # shard's index and per-chunk work cost more than writing a small array itself).
         zarr_files.write_array(self.path / case_id / name, data, default_chunks(name, data.shape, kind, chunk, frames))

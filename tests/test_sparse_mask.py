@@ -30,8 +30,11 @@ def test_every_region_equals_that_region_of_the_dense_mask():
     assert dense.any() and not dense.all()  # the patches overlap some but not all of the mask
     np.testing.assert_array_equal(np.asarray(sparse), dense)
     assert np.asarray(sparse, dtype=bool).dtype == bool and sparse.shape == SHAPE and sparse.ndim == 3
-    for _ in range(300):  # starts and stops anywhere, past the shape (clipped as numpy clips) or empty
-        key = tuple(slice(int(rng.integers(-2, n + 3)), int(rng.integers(-2, n + 3))) for n in SHAPE)
+    def bound(n: int) -> int | None:  # anywhere, negative, past either end (numpy clips), or None
+        return None if rng.random() < 0.1 else int(rng.integers(-n - 3, n + 3))
+
+    for _ in range(500):
+        key = tuple(slice(bound(n), bound(n)) for n in SHAPE)
         region = sparse[key]
         assert region.dtype == np.uint8
         np.testing.assert_array_equal(region, dense[key], err_msg=str(key))
@@ -45,8 +48,20 @@ def test_reading_a_region_returns_a_new_array_not_the_patches():
     assert np.asarray(sparse).sum() == 4 and patch.all()
 
 
-@pytest.mark.parametrize("key", [(0, slice(None), slice(None)), (slice(None), slice(None)),
-                                 (slice(None), slice(None, None, 2), slice(None))])
+@pytest.mark.parametrize("key", [(0, slice(None), slice(None)), (slice(None), slice(None)), slice(None), Ellipsis, 0,
+                                 [slice(None)] * 3, (slice(None), slice(None, None, 2), slice(None))])
 def test_other_indexing_is_refused(key):
     with pytest.raises(IndexError, match="three step-1 slices"):
         SparseMask(SHAPE)[key]
+
+
+@pytest.mark.parametrize("channel, rows, cols, patch_shape", [
+    (5, slice(0, 2), slice(0, 2), (2, 2)),  # no such channel
+    (-1, slice(0, 2), slice(0, 2), (2, 2)),
+    (0, slice(0, 3), slice(0, 3), (1, 3)),  # the patch is not the box's shape
+    (0, slice(36, 38), slice(0, 2), (2, 2)),  # past the last row
+    (0, slice(0, 2, 2), slice(0, 2), (2, 2)),  # a step
+])
+def test_a_patch_that_does_not_fit_is_refused(channel, rows, cols, patch_shape):
+    with pytest.raises(ValueError, match="does not fit a mask of shape"):
+        SparseMask(SHAPE).add(channel, rows, cols, np.ones(patch_shape, bool))

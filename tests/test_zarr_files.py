@@ -35,6 +35,7 @@ CASES = {  # name: (data, chunks, the shards zarr is given: none for one chunk, 
     "frame timestamps": (np.arange(69) / 23.18, (16,), (80,)),
     "float32 confidence": (RNG.random(40).astype("float32"), (40,), None),
     "chunk wider than the array": (smooth((64, 40), "uint8"), (64, 64), (64, 64)),
+    "a scalar": (np.array(3.5), (), None),  # its one chunk's key is "c"
 }
 
 
