@@ -40,6 +40,11 @@ ROOT = Path(__file__).resolve().parents[1]
 GOAL = 0.8
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def decode_only(case: RawCase, dataset: str) -> None:
     """The baseline's work for one case: what ingest does minus hashing and writing."""
     reader(dataset).load_case(case)
@@ -98,8 +103,10 @@ def main() -> None:
             "goal_ratio": GOAL,
             "kvasir": measure(client, "kvasir", args.kvasir, params.ingest, args.repeats, work),
             "hand_xray": measure(client, "hand_xray", work / "hand_xray", params.ingest, args.repeats, work),
-            # The client only submits and collects small outcomes; decoded cases live on the workers.
-            "client_peak_rss_MB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            # The client only submits and collects small outcomes; decoded cases live on the workers,
+            # whose peak holds a few cases at most (max_in_flight queued, one decoding per thread).
+            "client_peak_rss_MB": round(peak_rss_mb(), 1),
+            "worker_peak_rss_MB": round(max(client.run(peak_rss_mb).values()), 1),
         }
     print(json.dumps(results))
 
