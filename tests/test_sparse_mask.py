@@ -9,15 +9,16 @@ from segpipe.sparse_mask import SparseMask
 SHAPE = (5, 37, 53)
 
 
-def random_mask(rng: np.random.Generator, n_patches: int) -> tuple[SparseMask, np.ndarray]:
+def random_mask(rng: np.random.Generator, n_patches: int,
+                shape: tuple[int, int, int] = SHAPE) -> tuple[SparseMask, np.ndarray]:
     """Patches anywhere, several per channel, overlapping each other, some touching the edges or
     empty; and the dense mask built by numpy alone."""
-    sparse, dense = SparseMask(SHAPE), np.zeros(SHAPE, np.uint8)
+    sparse, dense = SparseMask(shape), np.zeros(shape, np.uint8)
     for _ in range(n_patches):
-        channel = int(rng.integers(SHAPE[0]))
-        top, left = int(rng.integers(SHAPE[1])), int(rng.integers(SHAPE[2]))
-        rows = slice(top, int(rng.integers(top, SHAPE[1] + 1)))
-        cols = slice(left, int(rng.integers(left, SHAPE[2] + 1)))
+        channel = int(rng.integers(shape[0]))
+        top, left = int(rng.integers(shape[1])), int(rng.integers(shape[2]))
+        rows = slice(top, int(rng.integers(top, shape[1] + 1)))
+        cols = slice(left, int(rng.integers(left, shape[2] + 1)))
         patch = rng.random((rows.stop - rows.start, cols.stop - cols.start)) < 0.6
         sparse.add(channel, rows, cols, patch)
         dense[channel, rows, cols] |= patch
@@ -30,6 +31,7 @@ def test_every_region_equals_that_region_of_the_dense_mask():
     assert dense.any() and not dense.all()  # the patches overlap some but not all of the mask
     np.testing.assert_array_equal(np.asarray(sparse), dense)
     assert np.asarray(sparse, dtype=bool).dtype == bool and sparse.shape == SHAPE and sparse.ndim == 3
+
     def bound(n: int) -> int | None:  # anywhere, negative, past either end (numpy clips), or None
         return None if rng.random() < 0.1 else int(rng.integers(-n - 3, n + 3))
 

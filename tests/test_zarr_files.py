@@ -8,7 +8,7 @@ import pytest
 import zarr
 
 from segpipe import zarr_files
-from segpipe.sparse_mask import SparseMask
+from tests.test_sparse_mask import random_mask
 
 RNG = np.random.default_rng(0)
 
@@ -99,12 +99,8 @@ def test_writing_again_replaces_the_node(tmp_path):
 def test_a_sparse_mask_is_written_as_its_dense_array(tmp_path, shape, chunks):
     """Sharded with edge chunks, and as one chunk: the same files (which the tests above pin to
     zarr's) whether the mask comes dense or as the patches hand_xray fills."""
-    sparse, rng = SparseMask(shape), np.random.default_rng(1)
-    for channel in rng.integers(0, shape[0], 12):
-        top, left = int(rng.integers(shape[1] - 10)), int(rng.integers(shape[2] - 10))
-        patch = rng.random((int(rng.integers(1, shape[1] - top)), int(rng.integers(1, shape[2] - left)))) < 0.7
-        sparse.add(int(channel), slice(top, top + patch.shape[0]), slice(left, left + patch.shape[1]), patch)
+    sparse, dense = random_mask(np.random.default_rng(1), 12, shape)
     zarr_files.write_array(tmp_path / "sparse", sparse, chunks)
-    zarr_files.write_array(tmp_path / "dense", np.asarray(sparse), chunks)
-    assert np.asarray(sparse).any()
+    zarr_files.write_array(tmp_path / "dense", dense, chunks)
+    assert dense.any()
     assert files_under(tmp_path / "sparse") == files_under(tmp_path / "dense")
