@@ -105,7 +105,7 @@ def scaled_size(height: int, width: int, scale: float) -> tuple[int, int]:
 
 def scaled_masks(labels: CaseStore, case_id: str, frame: int | None, scale: float) -> np.ndarray:
     """(K, h, w) uint8 masks of one frame at `scale`, resized as inference and validation see them."""
-    masks = np.asarray(labels.array(case_id, "mask")[_frame_index(frame)])
+    masks = labels.reader(case_id, "mask")[_frame_index(frame)]
     return masks_to_target(masks[None], scaled_size(*masks.shape[-2:], scale))[0].to(torch.uint8).numpy()
 
 

@@ -27,6 +27,7 @@ from segpipe.errors import StoreError
 from segpipe.preprocess import to_float16, to_float32
 from segpipe.store import CaseStore, labelled_frames
 from segpipe.thresholds import bin_lookup, candidates, choose, dice_curves, fixed_choice, histograms
+from segpipe.zarr_files import StoredArray
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +138,7 @@ def blocks(array: zarr.Array, video: bool, batch_frames: int) -> Iterator[tuple[
         yield slice(0, 1), slice(r, min(r + step, height))
 
 
-def read_block(array: zarr.Array, video: bool, frames: slice, rows: slice) -> np.ndarray:
+def read_block(array: zarr.Array | StoredArray, video: bool, frames: slice, rows: slice) -> np.ndarray:
     """A (B, K, h, W) block, every class; an image is one frame."""
     return array[frames, :, rows] if video else array[:, rows][None]
 
@@ -162,7 +163,7 @@ def val_histograms(members: Members, labels: CaseStore, case_id: str, holders: l
                    batch_frames: int) -> np.ndarray:
     """(labelled frames, K, 2, bins) threshold histograms of one validation case's out-of-fold mean."""
     arrays, video = prob_arrays([members.stores[i] for i in holders], case_id)
-    mask = labels.array(case_id, "mask")
+    mask = labels.reader(case_id, "mask")
     if mask.shape != arrays[0].shape:
         raise StoreError(
             f"{labels.path}: case {case_id!r} mask shape {mask.shape} differs from the predictions' {arrays[0].shape}"

@@ -1,7 +1,7 @@
 """Training labels of a dataset, as one store per dataset whatever their origin.
 
 Every dataset's training and evaluation read masks from `data/labels/<dataset>.zarr`: the masks
-that came with the data (copied from the ingest store) or pseudo-labels. One path pattern lets
+that came with the data (the ingest store's files, hard-linked) or pseudo-labels. One path pattern lets
 the DVC stage graph stay the same for labelled and unlabelled datasets.
 """
 from __future__ import annotations
@@ -17,6 +17,7 @@ def copy_labels(images: CaseStore, out: Path) -> dict:
     labelled = [c for c in images.case_ids() if images.has(c, "mask")]
     with atomic_dir(out) as tmp:
         store = CaseStore.create(tmp, dataset=images.attrs["dataset"], classes=images.classes, origin="ingest")
-        for case_id in labelled:
-            store.write_case(case_id, images.case_attrs(case_id), {"mask": images.array(case_id, "mask")[:]})
+        for case_id in labelled:  # the same files: linked, not read and written again
+            store.write_case(case_id, images.case_attrs(case_id))
+            store.link_array(images, case_id, "mask")
     return {"origin": "ingest", "cases": len(labelled), "unlabelled": len(images.case_ids()) - len(labelled)}

@@ -1,22 +1,25 @@
 """Groups and whole arrays written straight to Zarr v3 files on a local disk: byte for byte the
 files zarr-python writes for them (tests/test_zarr_files.py compares every file), without zarr's
-per-call cost. Reading stays with zarr.
+per-call cost; and arrays of the kind segpipe stores read back from their files (StoredArray),
+without zarr's cost per chunk.
 
 Why: zarr-python spends 1.5 ms of CPU to create a group and 5-9 ms to write an array, in its event
 loop and codec pipeline, however small the array: a real Kvasir case (group, image and mask) took
 20 ms to write against 3.8 ms to decode its JPEGs, so ingest ran at 0.37 of the decode-only rate.
 
-Scope: what CaseStore writes in one go. An array is one chunk (unsharded) or one shard holding all
-of its chunks (every chunk written, padded with the fill value 0 at the edges, as zarr does with
-write_empty_chunks), compressed by COMPRESSOR. The metadata documents come from zarr's own
-classes (an array's is zarr's for an array of its kind, with its shapes put in), so only the
+Scope: what CaseStore writes in one go. An array is one chunk (unsharded) or one shard holding its
+chunks (padded with the fill value 0 at the edges, as zarr pads them), compressed by COMPRESSOR;
+a SparseMask's chunks without a 1 are left out (see write_array). The metadata documents come
+from zarr's own classes (an array's is zarr's for an array of its kind, with its shapes put in), so only the
 chunk bytes, the shard layout and its index are encoded here.
 """
 from __future__ import annotations
 
 import copy
 import functools
+import itertools
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -33,6 +36,7 @@ from zarr.core.group import GroupMetadata
 from zarr.core.indexing import morton_order_iter
 from zarr.core.metadata import ArrayV3Metadata
 
+from segpipe.errors import StoreError
 from segpipe.sparse_mask import SparseMask
 
 METADATA = "zarr.json"
@@ -43,6 +47,7 @@ CHUNK_KEY_ENCODING = {"name": "default", "separator": "."}
 # Blosc-LZ4 (zarr v2's default), not zarr v3's zstd: on the Kvasir images zstd took longer to
 # compress a case (6.2 ms) than to decode its JPEG (3.8 ms), LZ4 0.8 ms, for 1.3x the bytes.
 COMPRESSOR = BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
+MISSING = 2**64 - 1  # a shard index's offset and length of a chunk that is not stored
 _SHUFFLES = {"noshuffle": numcodecs.Blosc.NOSHUFFLE, "shuffle": numcodecs.Blosc.SHUFFLE,
              "bitshuffle": numcodecs.Blosc.BITSHUFFLE}
 
@@ -50,20 +55,29 @@ _SHUFFLES = {"noshuffle": numcodecs.Blosc.NOSHUFFLE, "shuffle": numcodecs.Blosc.
 def write_group(path: Path, attrs: dict[str, Any]) -> None:
     """A group with `attrs` at `path`, replacing whatever was there (zarr's overwrite=True)."""
     _empty_dir(path)
-    _write_file(path / METADATA, _json(GroupMetadata(attributes=attrs).to_dict()))
+    _write_file(path / METADATA, [_json(GroupMetadata(attributes=attrs).to_dict())])
 
 
 def write_array(path: Path, data: np.ndarray | SparseMask, chunks: tuple[int, ...]) -> None:
     """`data` as an array at `path`, replacing whatever was there, in one file: a single chunk when
-    `chunks` is the whole array, else one shard holding every chunk (chunk-aligned, covering it).
-    A SparseMask is made dense one chunk at a time."""
+    `chunks` is the whole array, else one shard holding its chunks (chunk-aligned, covering it).
+
+    A dense array has every chunk stored (zarr's write_empty_chunks=True: finding the empty ones
+    would mean scanning every value). A SparseMask is made dense one chunk at a time, and its
+    chunks without a 1, which it knows from its patches, are left out (write_empty_chunks=False,
+    zarr's default: readers see the fill value 0 there); with none left there is no chunk file.
+    """
     chunks = tuple(chunks)
     shards = None if chunks == data.shape else tuple(-(-s // c) * c for s, c in zip(data.shape, chunks))
     document, blosc = _array_encoding(data.shape, data.dtype.str, chunks, shards)
-    body = blosc.encode(_chunk(np.asarray(data))) if shards is None else _encode_shard(data, chunks, shards, blosc)
+    grid = tuple(s // c for s, c in zip(shards or chunks, chunks))
+    stored = data.chunks_with_ones(chunks) if isinstance(data, SparseMask) else set(np.ndindex(grid))
     _empty_dir(path)
-    _write_file(path / METADATA, document)
-    _write_file(path / ".".join(["c"] + ["0"] * data.ndim), body)  # the key of the one chunk or shard
+    _write_file(path / METADATA, [document])
+    if stored:
+        pieces = [blosc.encode(_chunk(np.asarray(data)))] if shards is None else \
+            _encode_shard(data, chunks, grid, stored, blosc)
+        _write_file(path / ".".join(["c"] + ["0"] * data.ndim), pieces)  # the key of the one chunk or shard
 
 
 @functools.lru_cache(maxsize=256)
@@ -115,15 +129,17 @@ def _numcodecs_blosc(metadata: ArrayV3Metadata) -> numcodecs.Blosc:
                            blocksize=blosc.blocksize, typesize=blosc.typesize)
 
 
-def _encode_shard(data: np.ndarray | SparseMask, chunks: tuple[int, ...], shards: tuple[int, ...],
-                  blosc: numcodecs.Blosc) -> bytes:
-    """The sharding_indexed codec's bytes for one shard: the chunks in Morton order, then the index
-    of (offset, length) per chunk as little-endian uint64 and its crc32c (index_location "end")."""
-    grid = tuple(s // c for s, c in zip(shards, chunks))
-    index = np.empty(grid + (2,), dtype="<u8")
+def _encode_shard(data: np.ndarray | SparseMask, chunks: tuple[int, ...], grid: tuple[int, ...],
+                  stored: set[tuple[int, ...]], blosc: numcodecs.Blosc) -> list[bytes]:
+    """The sharding_indexed codec's bytes for one shard of `grid` chunks, in pieces: the `stored`
+    chunks in Morton order, then the index of (offset, length) per chunk as little-endian uint64
+    (both MISSING for a chunk left out) and its crc32c (index_location "end")."""
+    index = np.full(grid + (2,), MISSING, dtype="<u8")
     pieces, offset = [], 0
     for coords in morton_order_iter(grid):
-        chunk = data[tuple(slice(i * c, (i + 1) * c) for i, c in zip(coords, chunks))]
+        if coords not in stored:
+            continue
+        chunk = data[_chunk_region(coords, chunks)]
         if chunk.shape != chunks:  # an edge chunk, stored at full size with the fill value around it
             padded = np.zeros(chunks, dtype=data.dtype)
             padded[tuple(slice(0, n) for n in chunk.shape)] = chunk
@@ -133,7 +149,145 @@ def _encode_shard(data: np.ndarray | SparseMask, chunks: tuple[int, ...], shards
         pieces.append(encoded)
         offset += len(encoded)
     index_bytes = index.tobytes()
-    return b"".join([*pieces, index_bytes, np.array([google_crc32c.value(index_bytes)], dtype="<u4").tobytes()])
+    return [*pieces, index_bytes, _crc32c(index_bytes)]
+
+
+class StoredArray:
+    """An array as write_array and zarr (with this module's COMPRESSOR and CHUNK_KEY_ENCODING) store
+    it, read by decoding its files here: Blosc chunks, in shards (index at the end) or not, fill
+    value 0. Read only.
+
+    Why: zarr spends 0.1-0.4 ms of CPU on every chunk a read visits, stored or not. A demo hand's
+    2048 px mask in 464 one-class chunks, 57 of them stored, took zarr 174-209 ms to read whole
+    (108-142 ms in 16 all-class chunks) and 41-52 ms a 512-row band (20-30 ms); here 26-30 ms and
+    7-8 ms. Its 2048 px image: 11-13 ms whole through zarr, 4 ms here.
+
+    `array[key]` is numpy's basic indexing restricted to integers and step-1 slices, one per leading
+    axis (or `...` for everything): a new array. `np.asarray(array)` is the whole array.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        document = json.loads((self.path / METADATA).read_bytes())
+        self.shape = tuple(document["shape"])
+        self.ndim = len(self.shape)
+        try:
+            self.dtype = np.dtype(document["data_type"])
+        except TypeError:
+            raise StoreError(f"{self.path}: data type {document['data_type']!r}, which segpipe does not write") from None
+        self._file_shape = tuple(document["chunk_grid"]["configuration"]["chunk_shape"])
+        codecs = document["codecs"]
+        self._sharded = codecs[0]["name"] == "sharding_indexed"
+        inner = codecs[0]["configuration"] if self._sharded else {"codecs": codecs, "chunk_shape": self._file_shape}
+        self._chunks = tuple(inner["chunk_shape"])
+        index_codecs = [c["name"] for c in inner.get("index_codecs", [])]
+        if ([c["name"] for c in inner["codecs"]] != ["bytes", "blosc"]
+                or inner["codecs"][0].get("configuration", {}).get("endian", "little") != "little"
+                or (self._sharded and (len(codecs) != 1 or index_codecs != ["bytes", "crc32c"]
+                                       or inner["index_location"] != "end"))
+                or document["chunk_key_encoding"] != {"name": "default", "configuration": {"separator": "."}}
+                or document["fill_value"] != 0):
+            raise StoreError(f"{self.path}: an array encoded as {codecs} with chunk keys "
+                             f"{document['chunk_key_encoding']}, which segpipe does not write")
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        box, dropped = self._box(key)
+        out = np.zeros([stop - start for start, stop in box], dtype=self.dtype)
+        for coords in itertools.product(*_covering(box, self._file_shape)):
+            path = self.path / ".".join(["c", *map(str, coords)])
+            try:
+                file = open(path, "rb")
+            except FileNotFoundError:  # not stored: all fill value
+                continue
+            origin = tuple(i * n for i, n in zip(coords, self._file_shape))
+            with file:
+                if self._sharded:
+                    self._read_shard(path, file.fileno(), origin, box, out)
+                else:
+                    _place(self._decode(path, file.read()), origin, box, out)
+        return out[tuple(0 if axis in dropped else slice(None) for axis in range(self.ndim))] if dropped else out
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        whole = self[...]
+        return whole if dtype is None else whole.astype(dtype, copy=False)
+
+    def _box(self, key: Any) -> tuple[list[tuple[int, int]], set[int]]:
+        """(start, stop) per axis of the region `key` selects, and the axes an integer dropped."""
+        key = () if key is Ellipsis else key if isinstance(key, tuple) else (key,)
+        if len(key) > self.ndim:
+            raise IndexError(f"{self.path}: {len(key)} indices for an array of {self.ndim} dimensions")
+        box, dropped = [], set()
+        for axis, (k, n) in enumerate(itertools.zip_longest(key, self.shape, fillvalue=slice(None))):
+            if isinstance(k, (int, np.integer)) and not isinstance(k, bool):
+                i = int(k) + n * (k < 0)
+                if not 0 <= i < n:
+                    raise IndexError(f"{self.path}: index {k} is out of bounds for axis {axis} with size {n}")
+                box.append((i, i + 1))
+                dropped.add(axis)
+            elif isinstance(k, slice) and k.step in (None, 1):
+                start, stop, _ = k.indices(n)
+                box.append((start, max(start, stop)))
+            else:
+                raise IndexError(f"{self.path}: only integers and step-1 slices are read here, not {k!r}")
+        return box, dropped
+
+    def _read_shard(self, path: Path, fd: int, origin: tuple[int, ...], box: list[tuple[int, int]],
+                    out: np.ndarray) -> None:
+        """Decode into `out` the chunks of the shard file `fd` (whose first element is at `origin`)
+        that `box` overlaps, reading its index and those chunks only."""
+        grid = tuple(f // c for f, c in zip(self._file_shape, self._chunks))
+        index_size = 16 * math.prod(grid)
+        end = os.fstat(fd).st_size - index_size - 4  # where the chunks end and the index starts
+        if end < 0:
+            raise StoreError(f"{path}: truncated shard ({end + index_size + 4} bytes; its index alone "
+                             f"takes {index_size + 4})")
+        tail = os.pread(fd, index_size + 4, end)
+        if _crc32c(tail[:-4]) != tail[-4:]:
+            raise StoreError(f"{path}: corrupt shard (its index does not match its checksum)")
+        index = np.frombuffer(tail[:-4], dtype="<u8").reshape(grid + (2,))
+        local = [(max(start - o, 0), max(min(stop - o, f), 0)) for (start, stop), o, f
+                 in zip(box, origin, self._file_shape)]
+        for coords in itertools.product(*_covering(local, self._chunks)):
+            offset, length = (int(v) for v in index[coords])
+            if offset == MISSING:
+                continue
+            if offset + length > end:
+                raise StoreError(f"{path}: truncated shard (chunk {coords} lies past its end)")
+            chunk_origin = tuple(o + i * c for o, i, c in zip(origin, coords, self._chunks))
+            _place(self._decode(path, os.pread(fd, length, offset)), chunk_origin, box, out)
+
+    def _decode(self, path: Path, encoded: bytes) -> np.ndarray:
+        try:
+            raw = _BLOSC.decode(encoded)
+        except (RuntimeError, ValueError) as exc:
+            raise StoreError(f"{path}: corrupt chunk ({exc})") from exc
+        if len(raw) != math.prod(self._chunks) * self.dtype.itemsize:
+            raise StoreError(f"{path}: corrupt chunk ({len(raw)} bytes decoded for a chunk of {self._chunks})")
+        return np.frombuffer(raw, dtype=self.dtype.newbyteorder("<")).reshape(self._chunks)
+
+
+_BLOSC = numcodecs.Blosc()  # decoding needs no settings: a Blosc frame describes itself
+
+
+def _covering(box: list[tuple[int, int]], tiles: tuple[int, ...]) -> list[range]:
+    """Per axis, the indices of the tiles (of side `tiles`, from 0) that the region `box` overlaps."""
+    return [range(start // t, -(-stop // t)) for (start, stop), t in zip(box, tiles)]
+
+
+def _place(chunk: np.ndarray, origin: tuple[int, ...], box: list[tuple[int, int]], out: np.ndarray) -> None:
+    """Copy the part of `chunk` (whose first element is at `origin`) inside `box` into `out` (`box`'s region)."""
+    src = tuple(slice(max(start, o) - o, min(stop, o + n) - o) for (start, stop), o, n in zip(box, origin, chunk.shape))
+    dst = tuple(slice(max(start, o) - start, min(stop, o + n) - start)
+                for (start, stop), o, n in zip(box, origin, chunk.shape))
+    out[dst] = chunk[src]
+
+
+def _chunk_region(coords: tuple[int, ...], chunks: tuple[int, ...]) -> tuple[slice, ...]:
+    return tuple(slice(i * c, (i + 1) * c) for i, c in zip(coords, chunks))
+
+
+def _crc32c(content: bytes) -> bytes:
+    return np.array([google_crc32c.value(content)], dtype="<u4").tobytes()
 
 
 def _chunk(array: np.ndarray) -> np.ndarray:
@@ -155,8 +309,10 @@ def _empty_dir(path: Path) -> None:
         path.mkdir()
 
 
-def _write_file(path: Path, content: bytes) -> None:
-    """Write through a temporary sibling and rename, as zarr does: a reader never sees half a file."""
+def _write_file(path: Path, pieces: list[bytes]) -> None:
+    """Write `pieces` one after another (not joined first: that copied a hand X-ray's 4 MB once
+    more) through a temporary sibling and rename, as zarr does: a reader never sees half a file."""
     tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_bytes(content)
+    with open(tmp, "wb") as file:
+        file.writelines(pieces)
     os.replace(tmp, path)

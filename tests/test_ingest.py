@@ -200,9 +200,10 @@ def test_demo_hand_masks_in_the_store_equal_an_independent_rasterisation_of_thei
         for annotation in doc["annotations"]:
             expected[store.classes.index(annotation["label"])] |= centres_in_or_on(annotation["points"], 2048, 2048)
         assert expected.any(axis=(1, 2)).all()  # every one of the 29 bones is drawn
-        mask = store.array(case_id, "mask")[:]
-        assert mask.dtype == np.uint8 and mask.max() == 1
-        np.testing.assert_array_equal(mask.astype(bool), expected, err_msg=case_id)
+        assert store.array(case_id, "mask").chunks == (1, 512, 512)  # one class per tile
+        for mask in store.array(case_id, "mask")[:], np.asarray(store.reader(case_id, "mask")):  # zarr's read, ours
+            assert mask.dtype == np.uint8 and mask.max() == 1
+            np.testing.assert_array_equal(mask.astype(bool), expected, err_msg=case_id)
 
 
 @needs_shared_data

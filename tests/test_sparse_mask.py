@@ -1,6 +1,8 @@
 """segpipe.sparse_mask reads like the dense mask it stands for."""
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -67,3 +69,14 @@ def test_other_indexing_is_refused(key):
 def test_a_patch_that_does_not_fit_is_refused(channel, rows, cols, patch_shape):
     with pytest.raises(ValueError, match="does not fit a mask of shape"):
         SparseMask(SHAPE).add(channel, rows, cols, np.ones(patch_shape, bool))
+
+
+@pytest.mark.parametrize("chunks", [(1, 8, 8), (1, 37, 53), (2, 5, 16), (5, 37, 53), (1, 64, 64)])
+def test_the_chunks_with_ones_are_those_of_the_dense_mask(chunks):
+    sparse, dense = random_mask(np.random.default_rng(3), 15)
+    sparse.add(4, slice(0, 37), slice(0, 53), np.zeros((37, 53), bool))  # a patch without a 1 adds no chunk
+    grid = [range(-(-n // c)) for n, c in zip(SHAPE, chunks)]
+    expected = {coords for coords in itertools.product(*grid)
+                if dense[tuple(slice(i * c, (i + 1) * c) for i, c in zip(coords, chunks))].any()}
+    assert sparse.chunks_with_ones(chunks) == expected
+    assert expected and (len(expected) < np.prod([len(r) for r in grid]) or chunks[1] >= 37)  # some empty ones

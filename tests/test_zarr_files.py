@@ -8,6 +8,7 @@ import pytest
 import zarr
 
 from segpipe import zarr_files
+from segpipe.errors import StoreError
 from tests.test_sparse_mask import random_mask
 
 RNG = np.random.default_rng(0)
@@ -95,12 +96,87 @@ def test_writing_again_replaces_the_node(tmp_path):
     assert list(root["c"].array_keys()) == [] and root["c"].attrs["v"] == 2
 
 
-@pytest.mark.parametrize("shape, chunks", [((29, 300, 260), (29, 128, 128)), ((29, 60, 40), (29, 60, 40))])
-def test_a_sparse_mask_is_written_as_its_dense_array(tmp_path, shape, chunks):
-    """Sharded with edge chunks, and as one chunk: the same files (which the tests above pin to
-    zarr's) whether the mask comes dense or as the patches hand_xray fills."""
-    sparse, dense = random_mask(np.random.default_rng(1), 12, shape)
-    zarr_files.write_array(tmp_path / "sparse", sparse, chunks)
-    zarr_files.write_array(tmp_path / "dense", dense, chunks)
-    assert dense.any()
-    assert files_under(tmp_path / "sparse") == files_under(tmp_path / "dense")
+@pytest.mark.parametrize("shape, chunks", [((29, 300, 260), (1, 128, 128)), ((29, 300, 260), (29, 128, 128)),
+                                           ((29, 60, 40), (29, 60, 40))])
+@pytest.mark.parametrize("n_patches", [12, 0])
+def test_a_sparse_mask_is_written_as_zarr_writes_its_dense_array_without_empty_chunks(tmp_path, shape, chunks,
+                                                                                   n_patches):
+    """One class per chunk (as masks are stored), all classes per chunk, and one chunk: zarr's own
+    files with write_empty_chunks=False, its default. Patches that hold no 1 do not make a chunk."""
+    sparse, dense = random_mask(np.random.default_rng(1), n_patches, shape)
+    sparse.add(3, slice(0, 2), slice(0, 2), np.zeros((2, 2), bool))
+    shards = None if chunks == shape else tuple(-(-s // c) * c for s, c in zip(shape, chunks))
+    by_zarr = zarr.open_group(tmp_path / "zarr.zarr", mode="w", zarr_format=3)
+    by_zarr.create_array("m", data=dense, chunks=chunks, shards=shards, compressors=zarr_files.COMPRESSOR,
+                         chunk_key_encoding=zarr_files.CHUNK_KEY_ENCODING, config={"write_empty_chunks": False})
+    (tmp_path / "ours").mkdir()
+    zarr_files.write_array(tmp_path / "ours" / "m", sparse, chunks)
+
+    ours = files_under(tmp_path / "ours" / "m")
+    assert ours == files_under(tmp_path / "zarr.zarr" / "m")
+    assert sorted(ours) == (["c.0.0.0", "zarr.json"] if n_patches else ["zarr.json"])  # no chunk file when all 0
+    np.testing.assert_array_equal(np.asarray(zarr_files.StoredArray(tmp_path / "ours" / "m")), dense)
+
+
+def written_both_ways(tmp_path: Path) -> dict[str, tuple[Path, np.ndarray]]:
+    """Every array of CASES written by write_array; and by zarr in several shards, some of them
+    all fill value and so not stored (as CaseStore.create_banded's arrays come): name -> (path, data)."""
+    by_zarr = zarr.open_group(tmp_path / "zarr.zarr", mode="w", zarr_format=3)
+    zarr.open_group(tmp_path / "ours.zarr", mode="w", zarr_format=3)
+    arrays = {}
+    for name, (data, chunks, _) in CASES.items():
+        zarr_files.write_array(tmp_path / "ours.zarr" / name, data, chunks)
+        arrays[f"ours {name}"] = tmp_path / "ours.zarr" / name, data
+    banded = smooth((3, 300, 200), "uint8")
+    banded[:, 100:200] = 0  # the second band of rows: a shard file zarr does not write
+    for name, chunks in [("bands", (3, 50, 64)), ("one class per chunk", (1, 50, 64))]:
+        by_zarr.create_array(name, data=banded, chunks=chunks, shards=(3, 100, 256), compressors=zarr_files.COMPRESSOR,
+                             chunk_key_encoding=zarr_files.CHUNK_KEY_ENCODING)
+        arrays[f"zarr {name}"] = tmp_path / "zarr.zarr" / name, banded
+    assert not (tmp_path / "zarr.zarr" / "bands" / "c.0.1.0").exists() and (tmp_path / "zarr.zarr" / "bands" / "c.0.2.0").exists()
+    return arrays
+
+
+def test_a_stored_array_reads_what_numpy_holds_for_any_integer_and_slice_key(tmp_path):
+    rng = np.random.default_rng(2)
+
+    def bound(n: int) -> int | None:  # anywhere, negative, past either end (numpy clips), or None
+        return None if rng.random() < 0.1 else int(rng.integers(-n - 3, n + 3))
+
+    for name, (path, data) in written_both_ways(tmp_path).items():
+        stored = zarr_files.StoredArray(path)
+        assert (stored.shape, stored.dtype, stored.ndim) == (data.shape, data.dtype, data.ndim), name
+        np.testing.assert_array_equal(np.asarray(stored), data, err_msg=name)
+        np.testing.assert_array_equal(stored[...], data, err_msg=name)
+        for _ in range(60 if data.ndim else 0):
+            key = tuple(int(rng.integers(-n, n)) if rng.random() < 0.25 else slice(bound(n), bound(n))
+                        for n in data.shape[:int(rng.integers(1, data.ndim + 1))])
+            read = stored[key]
+            assert read.dtype == data.dtype
+            np.testing.assert_array_equal(read, data[key], err_msg=f"{name} {key}")
+
+
+@pytest.mark.parametrize("key", [(slice(None, None, 2),), (0, 0, 0, 0), (40,), (-41,), ([0, 1],), (True,), ("0",)])
+def test_a_stored_array_refuses_other_keys(tmp_path, key):
+    zarr_files.write_array(tmp_path / "a", np.ones((40, 30, 20), "uint8"), (16, 16, 16))
+    with pytest.raises(IndexError, match=str(tmp_path / "a")):
+        zarr_files.StoredArray(tmp_path / "a")[key]
+
+
+def test_a_corrupt_or_truncated_shard_or_an_unknown_encoding_is_named(tmp_path):
+    data = smooth((29, 300, 260), "uint8") > 120
+    zarr_files.write_array(tmp_path / "a", data, (1, 128, 128))
+    shard = tmp_path / "a" / "c.0.0.0"
+    content = shard.read_bytes()
+    shard.write_bytes(content[:-5] + bytes([content[-5] ^ 1]) + content[-4:])  # a bit of the index flipped
+    with pytest.raises(StoreError, match=f"{shard}: corrupt shard"):
+        zarr_files.StoredArray(tmp_path / "a")[...]
+    shard.write_bytes(content[:100])
+    with pytest.raises(StoreError, match=f"{shard}: truncated shard"):
+        zarr_files.StoredArray(tmp_path / "a")[...]
+    shard.write_bytes(content[:50] + bytes(50) + content[100:])  # the first chunk's bytes zeroed
+    with pytest.raises(StoreError, match=f"{shard}: corrupt chunk"):
+        zarr_files.StoredArray(tmp_path / "a")[...]
+    zarr.create_array(tmp_path / "zstd", data=data, chunks=(29, 128, 128))  # zarr's defaults: zstd, "c/0/0/0"
+    with pytest.raises(StoreError, match=f"{tmp_path / 'zstd'}: an array encoded as .*which segpipe does not write"):
+        zarr_files.StoredArray(tmp_path / "zstd")
