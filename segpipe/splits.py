@@ -96,11 +96,14 @@ def strata_of(labels: CaseStore, case_ids: list[str], how: str, bins: int = 3) -
     the foreground fraction, e.g. small/medium/large polyps) or "class_count" (classes present)."""
     if how == "none":
         return {}
-    masks = {c: frames_of(np.asarray(labels.array(c, "mask")[:]), labels.is_video(c)) for c in case_ids}
+
+    def masks(case_id: str) -> np.ndarray:  # read one case at a time: a hand's masks are 121 MB
+        return frames_of(np.asarray(labels.reader(case_id, "mask")), labels.is_video(case_id))
+
     if how == "class_count":
-        return {c: f"{int(m.any(axis=(0, 2, 3)).sum())}_classes" for c, m in masks.items()}
+        return {c: f"{int(masks(c).any(axis=(0, 2, 3)).sum())}_classes" for c in case_ids}
     if how == "mask_area":
-        area = {c: float(m.any(axis=1).mean()) for c, m in masks.items()}
+        area = {c: float(masks(c).any(axis=1).mean()) for c in case_ids}
         edges = np.quantile(list(area.values()), np.linspace(0, 1, bins + 1)[1:-1]) if area else []
         return {c: f"area_bin{int(np.searchsorted(edges, a, side='right'))}" for c, a in area.items()}
     raise ConfigError(f"split.stratify: unknown stratification {how!r}; known: none, mask_area, class_count")
