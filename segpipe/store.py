@@ -119,8 +119,8 @@ class CaseStore:
             raise StoreError(self._no_array(case_id, name)) from None
 
     def reader(self, case_id: str, name: str) -> StoredArray:
-        """A read-only view of an array that decodes its files itself (zarr_files.StoredArray: several
-        times quicker than zarr for whole arrays and bands, and for masks stored one class per chunk)."""
+        """A reader of an array that decodes its files itself (zarr_files.StoredArray: several times
+        quicker than zarr for whole arrays and bands, and for masks stored one class per chunk)."""
         path = self.path / case_id / name
         if not (path / zarr_files.METADATA).is_file():
             missing = self._no_array(case_id, name) if (self.path / case_id).is_dir() else self._no_case(case_id)
@@ -158,7 +158,7 @@ class CaseStore:
 
     def link_array(self, source: CaseStore, case_id: str, name: str) -> None:
         """Add `source`'s array `name` to this store's case (written first) by hard-linking its files,
-        as link_case does."""
+        as link_case does. The array must be one segpipe wrote (StoredArray reads it)."""
         source.reader(case_id, name)  # its StoreError when there is no such array
         shutil.copytree(source.path / case_id / name, self.path / case_id / name, copy_function=_link_or_copy)
 
@@ -178,9 +178,10 @@ class CaseStore:
     def create_banded(self, case_id: str, name: str, shape: tuple[int, ...], dtype: str, video: bool,
                       band: int) -> zarr.Array:
         """An empty array to fill band by band, one file per band: `band` frames of a (T, ...) video
-        (one chunk, unsharded), or `band` rows of a (..., H, W) image (one shard of band x band
-        chunks, all channels, full width). Writers of different bands never touch the same file,
-        and a whole band is written without reading anything back."""
+        (one chunk, unsharded), or `band` rows of a (..., H, W) image (one shard of all channels, full
+        width, in band x band chunks of all classes, or of one class for a mask, as default_chunks
+        gives them). Writers of different bands never touch the same file, and a whole band is
+        written without reading anything back."""
         chunks = default_chunks(name, shape, VIDEO if video else IMAGE, band, band)
         shards = None if video else tuple(shape[:-2]) + (chunks[-2], -(-shape[-1] // chunks[-1]) * chunks[-1])
         return self.case(case_id).create_array(name, shape=shape, dtype=dtype, chunks=chunks, shards=shards,

@@ -180,3 +180,24 @@ def test_a_corrupt_or_truncated_shard_or_an_unknown_encoding_is_named(tmp_path):
     zarr.create_array(tmp_path / "zstd", data=data, chunks=(29, 128, 128))  # zarr's defaults: zstd, "c/0/0/0"
     with pytest.raises(StoreError, match=f"{tmp_path / 'zstd'}: an array encoded as .*which segpipe does not write"):
         zarr_files.StoredArray(tmp_path / "zstd")
+
+
+@pytest.mark.parametrize("cut", [15, 16, 2408, -1])
+def test_a_cut_chunk_is_refused_not_read_past_its_end(tmp_path, cut):
+    """Blosc is not given a chunk's length: without checking its header, a cut chunk decoded to
+    wrong values with no error."""
+    data = RNG.integers(0, 255, (3, 40, 40), dtype=np.uint8)
+    zarr_files.write_array(tmp_path / "a", data, data.shape)
+    chunk = tmp_path / "a" / "c.0.0.0"
+    chunk.write_bytes(chunk.read_bytes()[:cut])
+    with pytest.raises(StoreError, match=f"{chunk}: corrupt chunk"):
+        zarr_files.StoredArray(tmp_path / "a")[...]
+
+
+@pytest.mark.parametrize("metadata", [b"", b'{"shape": [3]', b'{"zarr_format": 3, "node_type": "group"}',
+                                      b'{"shape": [3], "data_type": {"name": "x"}}'])
+def test_metadata_that_is_not_an_arrays_is_named(tmp_path, metadata):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "zarr.json").write_bytes(metadata)
+    with pytest.raises(StoreError, match=f"{tmp_path / 'a'}: not an array's metadata that segpipe can read"):
+        zarr_files.StoredArray(tmp_path / "a")
