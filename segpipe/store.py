@@ -269,9 +269,10 @@ async def _read_labelled(
     image_case, label_case = await asyncio.gather(
         _member(image_root, case_id, images._no_case(case_id)), _member(label_root, case_id, labels._no_case(case_id))
     )
+    mask = labels.reader(case_id, "mask")  # its StoreError before any read is under way
     frames, masks, keep = await asyncio.gather(
         _read(image_case, "image", images._no_array(case_id, "image")),
-        asyncio.to_thread(np.asarray, labels.reader(case_id, "mask")),
+        asyncio.to_thread(np.asarray, mask),
         _read(label_case, "keep"),
     )
     video = image_case.attrs.get("kind") == VIDEO
