@@ -50,11 +50,11 @@ class SparseMask:
         region = np.zeros((c1 - c0, r1 - r0, x1 - x0), dtype=self.dtype)
         for channel in range(c0, c1):
             for rows, cols, patch in self._patches[channel]:
-                top, bottom = max(rows.start, r0), min(rows.stop, r1)
-                left, right = max(cols.start, x0), min(cols.stop, x1)
-                if top < bottom and left < right:
-                    region[channel - c0, top - r0:bottom - r0, left - x0:right - x0] |= \
-                        patch[top - rows.start:bottom - rows.start, left - cols.start:right - cols.start]
+                overlap = _overlap(rows, cols, patch, r0, r1, x0, x1)
+                if overlap is not None:
+                    (top, left), part = overlap
+                    height, width = part.shape
+                    region[channel - c0, top - r0:top - r0 + height, left - x0:left - x0 + width] |= part
         return region
 
     def chunks_with_ones(self, chunks: tuple[int, int, int]) -> set[tuple[int, int, int]]:
@@ -65,12 +65,22 @@ class SparseMask:
             for rows, cols, patch in patches:
                 for i in range(rows.start // height, -(-rows.stop // height)):
                     for j in range(cols.start // width, -(-cols.stop // width)):
-                        top, left = max(rows.start, i * height), max(cols.start, j * width)
-                        bottom, right = min(rows.stop, (i + 1) * height), min(cols.stop, (j + 1) * width)
-                        if patch[top - rows.start:bottom - rows.start, left - cols.start:right - cols.start].any():
+                        overlap = _overlap(rows, cols, patch, i * height, (i + 1) * height, j * width, (j + 1) * width)
+                        if overlap is not None and overlap[1].any():
                             found.add((channel // per_channel, i, j))
         return found
 
     def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
         dense = self[:, :, :]
         return dense if dtype is None else dense.astype(dtype, copy=False)
+
+
+def _overlap(rows: slice, cols: slice, patch: np.ndarray, r0: int, r1: int, x0: int,
+             x1: int) -> tuple[tuple[int, int], np.ndarray] | None:
+    """The part of `patch` (over `rows` x `cols`) inside rows r0:r1 and columns x0:x1, with its
+    top-left corner in mask coordinates; None where they do not meet."""
+    top, bottom = max(rows.start, r0), min(rows.stop, r1)
+    left, right = max(cols.start, x0), min(cols.stop, x1)
+    if top >= bottom or left >= right:
+        return None
+    return (top, left), patch[top - rows.start:bottom - rows.start, left - cols.start:right - cols.start]

@@ -197,8 +197,12 @@ class StoredArray:
     def __getitem__(self, key: Any) -> np.ndarray:
         box, dropped = self._box(key)
         out = np.zeros([stop - start for start, stop in box], dtype=self.dtype)
-        if not out.size:  # nothing to read: an empty slice can still start inside a chunk
-            return out[tuple(0 if axis in dropped else slice(None) for axis in range(self.ndim))]
+        if out.size:  # else nothing to read: an empty slice can still start inside a chunk
+            self._read_into(box, out)
+        return out[tuple(0 if axis in dropped else slice(None) for axis in range(self.ndim))] if dropped else out
+
+    def _read_into(self, box: list[tuple[int, int]], out: np.ndarray) -> None:
+        """Fill `out` with the region `box` from every file it overlaps (a file not stored is all 0)."""
         for coords in itertools.product(*_covering(box, self._file_shape)):
             path = self.path / ".".join(["c", *map(str, coords)])
             try:
@@ -213,7 +217,6 @@ class StoredArray:
                     self._read_shard(path, file.fileno(), origin, box, out)
                 else:
                     _place(self._decode(path, file.read()), origin, box, out)
-        return out[tuple(0 if axis in dropped else slice(None) for axis in range(self.ndim))] if dropped else out
 
     def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
         whole = self[...]
