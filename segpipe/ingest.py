@@ -126,7 +126,7 @@ def ingest(dataset: str, raw: Path, out: Path, cfg: IngestConfig, client: Client
         _ingest_all(client, todo, store, raw, cfg, report, limit)
         if not report.ingested + report.unchanged:
             raise IngestError(raw, f"no case could be ingested ({len(report.skipped)} skipped)")
-        store.root.update_attributes(_root_attrs({}, report))
+        store.set_attrs(_root_attrs(attrs, report))
     log.info("%s: %s -> %s", dataset, report.summary(), out)
     return report
 

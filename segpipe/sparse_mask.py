@@ -42,20 +42,38 @@ class SparseMask:
         self._patches[channel].append((slice(rows.start, rows.stop), slice(cols.start, cols.stop), patch))
 
     def __getitem__(self, key: tuple[slice, slice, slice]) -> np.ndarray:
+        (c0, c1), (r0, r1), (x0, x1) = bounds = self._bounds(key)
+        region = np.zeros((c1 - c0, r1 - r0, x1 - x0), dtype=self.dtype)
+        self._paint(region, *bounds)
+        return region
+
+    def read_into(self, out: np.ndarray, key: tuple[slice, slice, slice]) -> None:
+        """self[key] into the corner of `out` (from index 0 on every axis), 0 in the rest of `out`:
+        chunk after chunk into one buffer, without allocating each (zarr_files)."""
+        (c0, c1), (r0, r1), (x0, x1) = bounds = self._bounds(key)
+        if out.ndim != 3 or any(n < m for n, m in zip(out.shape, (c1 - c0, r1 - r0, x1 - x0))):
+            raise ValueError(f"{out.shape} cannot hold the region {key!r} of a mask of shape {self.shape}")
+        out.fill(0)
+        self._paint(out, *bounds)
+
+    def _bounds(self, key: tuple[slice, slice, slice]) -> list[tuple[int, int]]:
+        """(start, stop) per axis of `key`, clipped to the shape as numpy clips slices."""
         if not (isinstance(key, tuple) and len(key) == 3
                 and all(isinstance(k, slice) and k.step in (None, 1) for k in key)):
             raise IndexError(f"a SparseMask is read by three step-1 slices, not {key!r}")
-        (c0, c1), (r0, r1), (x0, x1) = (k.indices(n)[:2] for k, n in zip(key, self.shape))
-        c1, r1, x1 = max(c0, c1), max(r0, r1), max(x0, x1)
-        region = np.zeros((c1 - c0, r1 - r0, x1 - x0), dtype=self.dtype)
+        return [(start, max(start, stop)) for start, stop in (k.indices(n)[:2] for k, n in zip(key, self.shape))]
+
+    def _paint(self, out: np.ndarray, channels: tuple[int, int], rows: tuple[int, int],
+               cols: tuple[int, int]) -> None:
+        """OR the patches inside `channels` x `rows` x `cols` into `out`, whose index 0 is their start."""
+        (c0, c1), (r0, r1), (x0, x1) = channels, rows, cols
         for channel in range(c0, c1):
-            for rows, cols, patch in self._patches[channel]:
-                overlap = _overlap(rows, cols, patch, r0, r1, x0, x1)
+            for patch_rows, patch_cols, patch in self._patches[channel]:
+                overlap = _overlap(patch_rows, patch_cols, patch, r0, r1, x0, x1)
                 if overlap is not None:
                     (top, left), part = overlap
                     height, width = part.shape
-                    region[channel - c0, top - r0:top - r0 + height, left - x0:left - x0 + width] |= part
-        return region
+                    out[channel - c0, top - r0:top - r0 + height, left - x0:left - x0 + width] |= part
 
     def chunks_with_ones(self, chunks: tuple[int, int, int]) -> set[tuple[int, int, int]]:
         """The grid coordinates of the chunks (of shape `chunks`, from the origin) that hold a 1."""

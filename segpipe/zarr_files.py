@@ -8,7 +8,8 @@ loop and codec pipeline, however small the array: a real Kvasir case (group, ima
 20 ms to write against 3.8 ms to decode its JPEGs, so ingest ran at 0.37 of the decode-only rate.
 
 Scope: what CaseStore writes in one go. An array is one chunk (unsharded) or one shard holding its
-chunks (padded with the fill value 0 at the edges, as zarr pads them), compressed by COMPRESSOR;
+chunks (padded with the fill value 0 at the edges, as zarr pads them), compressed by COMPRESSOR
+(or stored UNCOMPRESSED where LZ4 does not pay);
 a SparseMask's chunks without a 1 are left out (see write_array). The metadata documents come
 from zarr's own classes (an array's is zarr's for an array of its kind, with its shapes put in), so only the
 chunk bytes, the shard layout and its index are encoded here.
@@ -22,6 +23,7 @@ import json
 import math
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +49,10 @@ CHUNK_KEY_ENCODING = {"name": "default", "separator": "."}
 # Blosc-LZ4 (zarr v2's default), not zarr v3's zstd: on the Kvasir images zstd took longer to
 # compress a case (6.2 ms) than to decode its JPEG (3.8 ms), LZ4 0.8 ms, for 1.3x the bytes.
 COMPRESSOR = BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
+# Blosc at level 0 (a header, then the bytes as they are), for arrays LZ4 cannot shrink: X-rays (the
+# real RSNA hand came to 99.4% of its size) cost ~1.3 ms a 2048 px image to try compressing, for nothing.
+UNCOMPRESSED = BloscCodec(cname="lz4", clevel=0, shuffle="shuffle")
+WORTH_COMPRESSING = 0.9  # LZ4 keeps an array whose sample chunk it brings under this share of its size
 MISSING = 2**64 - 1  # a shard index's offset and length of a chunk that is not stored
 _SHUFFLES = {"noshuffle": numcodecs.Blosc.NOSHUFFLE, "shuffle": numcodecs.Blosc.SHUFFLE,
              "bitshuffle": numcodecs.Blosc.BITSHUFFLE}
@@ -55,6 +61,11 @@ _SHUFFLES = {"noshuffle": numcodecs.Blosc.NOSHUFFLE, "shuffle": numcodecs.Blosc.
 def write_group(path: Path, attrs: dict[str, Any]) -> None:
     """A group with `attrs` at `path`, replacing whatever was there (zarr's overwrite=True)."""
     _empty_dir(path)
+    write_group_attrs(path, attrs)
+
+
+def write_group_attrs(path: Path, attrs: dict[str, Any]) -> None:
+    """Replace the attrs of the group at `path` (its members stay)."""
     _write_file(path / METADATA, [_json(GroupMetadata(attributes=attrs).to_dict())])
 
 
@@ -66,27 +77,36 @@ def write_array(path: Path, data: np.ndarray | SparseMask, chunks: tuple[int, ..
     would mean scanning every value). A SparseMask is made dense one chunk at a time, and its
     chunks without a 1, which it knows from its patches, are left out (write_empty_chunks=False,
     zarr's default: readers see the fill value 0 there); with none left there is no chunk file.
+    A dense array of several chunks is compressed with COMPRESSOR unless its middle chunk shows
+    that LZ4 does not pay (see WORTH_COMPRESSING); then it is stored UNCOMPRESSED.
     """
     chunks = tuple(chunks)
     shards = None if chunks == data.shape else tuple(-(-s // c) * c for s, c in zip(data.shape, chunks))
-    document, blosc = _array_encoding(data.shape, data.dtype.str, chunks, shards)
     grid = tuple(s // c for s, c in zip(shards or chunks, chunks))
     stored = data.chunks_with_ones(chunks) if isinstance(data, SparseMask) else set(np.ndindex(grid))
+    document, blosc = _array_encoding(data.shape, data.dtype.str, chunks, shards, compressed=True)
+    cut, encoded = _ChunkCutter(data, chunks), {}
+    if shards is not None and not isinstance(data, SparseMask):
+        middle = tuple(n // 2 for n in grid)
+        encoded[middle] = blosc.encode(cut(middle))
+        if len(encoded[middle]) >= WORTH_COMPRESSING * cut.buffer.nbytes:
+            document, blosc = _array_encoding(data.shape, data.dtype.str, chunks, shards, compressed=False)
+            encoded.clear()
     _empty_dir(path)
     _write_file(path / METADATA, [document])
     if stored:
         pieces = [blosc.encode(_chunk(np.asarray(data)))] if shards is None else \
-            _encode_shard(data, chunks, grid, stored, blosc)
+            _encode_shard(grid, stored, lambda coords: encoded.get(coords) or blosc.encode(cut(coords)))
         _write_file(path / ".".join(["c"] + ["0"] * data.ndim), pieces)  # the key of the one chunk or shard
 
 
 @functools.lru_cache(maxsize=256)
-def _array_encoding(shape: tuple[int, ...], dtype: str, chunks: tuple[int, ...],
-                    shards: tuple[int, ...] | None) -> tuple[bytes, numcodecs.Blosc]:
+def _array_encoding(shape: tuple[int, ...], dtype: str, chunks: tuple[int, ...], shards: tuple[int, ...] | None,
+                    compressed: bool) -> tuple[bytes, numcodecs.Blosc]:
     """The metadata document and the chunk compressor of an array: zarr's document for an array of
-    this kind (data type, rank, sharded or not) with this array's shapes put in. Having zarr build
-    the whole document took 0.2-0.3 ms, and Kvasir images come in a new size nearly every case."""
-    template, blosc = _array_template(dtype, len(shape), shards is not None)
+    this kind (data type, rank, sharded or not, COMPRESSOR or UNCOMPRESSED) with this array's shapes put in. Having
+    zarr build the whole document took 0.2-0.3 ms, and Kvasir images come in a new size nearly every case."""
+    template, blosc = _array_template(dtype, len(shape), shards is not None, compressed)
     document = copy.deepcopy(template)
     document["shape"] = list(shape)
     document["chunk_grid"]["configuration"]["chunk_shape"] = list(shards or chunks)
@@ -96,21 +116,22 @@ def _array_encoding(shape: tuple[int, ...], dtype: str, chunks: tuple[int, ...],
 
 
 @functools.lru_cache(maxsize=64)
-def _array_template(dtype: str, ndim: int, sharded: bool) -> tuple[dict[str, Any], numcodecs.Blosc]:
+def _array_template(dtype: str, ndim: int, sharded: bool, compressed: bool) -> tuple[dict[str, Any], numcodecs.Blosc]:
     """zarr's metadata (as a dict) and compressor for an array of this kind; only the shapes in it
     depend on the array's size."""
     ones = (1,) * ndim
-    metadata = _array_metadata(ones, np.dtype(dtype), ones, ones if sharded else None)
+    metadata = _array_metadata(ones, np.dtype(dtype), ones, ones if sharded else None,
+                               COMPRESSOR if compressed else UNCOMPRESSED)
     return metadata.to_dict(), _numcodecs_blosc(metadata)
 
 
 def _array_metadata(shape: tuple[int, ...], dtype: np.dtype, chunks: tuple[int, ...],
-                    shards: tuple[int, ...] | None) -> ArrayV3Metadata:
-    """What zarr.create_array(shape, dtype, chunks, shards, compressors=COMPRESSOR, fill_value=0,
+                    shards: tuple[int, ...] | None, compressor: BloscCodec) -> ArrayV3Metadata:
+    """What zarr.create_array(shape, dtype, chunks, shards, compressors=compressor, fill_value=0,
     chunk_key_encoding=CHUNK_KEY_ENCODING) records, built as zarr's init_array builds it."""
     zdtype = parse_dtype(dtype, zarr_format=3)
     filters, serializer, compressors = _parse_chunk_encoding_v3(
-        compressors=COMPRESSOR, filters="auto", serializer="auto", dtype=zdtype)
+        compressors=compressor, filters="auto", serializer="auto", dtype=zdtype)
     codecs = (*filters, serializer, *compressors)
     if shards is not None:
         codecs = (ShardingCodec(chunk_shape=chunks, codecs=codecs),)
@@ -129,27 +150,42 @@ def _numcodecs_blosc(metadata: ArrayV3Metadata) -> numcodecs.Blosc:
                            blocksize=blosc.blocksize, typesize=blosc.typesize)
 
 
-def _encode_shard(data: np.ndarray | SparseMask, chunks: tuple[int, ...], grid: tuple[int, ...],
-                  stored: set[tuple[int, ...]], blosc: numcodecs.Blosc) -> list[bytes]:
+def _encode_shard(grid: tuple[int, ...], stored: set[tuple[int, ...]],
+                  encode: Callable[[tuple[int, ...]], bytes]) -> list[bytes]:
     """The sharding_indexed codec's bytes for one shard of `grid` chunks, in pieces: the `stored`
-    chunks in Morton order, then the index of (offset, length) per chunk as little-endian uint64
-    (both MISSING for a chunk left out) and its crc32c (index_location "end")."""
+    chunks (`encode(coords)`) in Morton order, then the index of (offset, length) per chunk as
+    little-endian uint64 (both MISSING for a chunk left out) and its crc32c (index_location "end")."""
     index = np.full(grid + (2,), MISSING, dtype="<u8")
     pieces, offset = [], 0
     for coords in morton_order_iter(grid):
-        if coords not in stored:
-            continue
-        chunk = data[_chunk_region(coords, chunks)]
-        if chunk.shape != chunks:  # an edge chunk, stored at full size with the fill value around it
-            padded = np.zeros(chunks, dtype=data.dtype)
-            padded[tuple(slice(0, n) for n in chunk.shape)] = chunk
-            chunk = padded
-        encoded = blosc.encode(_chunk(chunk))
-        index[coords] = offset, len(encoded)
-        pieces.append(encoded)
-        offset += len(encoded)
+        if coords in stored:
+            encoded = encode(coords)
+            index[coords] = offset, len(encoded)
+            pieces.append(encoded)
+            offset += len(encoded)
     index_bytes = index.tobytes()
     return [*pieces, index_bytes, _crc32c(index_bytes)]
+
+
+class _ChunkCutter:
+    """Cuts an array's chunks into one reused buffer, padded with the fill value 0 at the edges as
+    zarr pads them, in the bytes codec's layout (C order, little-endian): a new array per chunk
+    cost a hand mask's 57 chunks ~0.7 ms more (fresh memory each time, colder caches)."""
+
+    def __init__(self, data: np.ndarray | SparseMask, chunks: tuple[int, ...]):
+        self.data, self.chunks = data, chunks
+        self.buffer = np.empty(chunks, dtype=data.dtype.newbyteorder("<"))
+
+    def __call__(self, coords: tuple[int, ...]) -> np.ndarray:
+        region = _chunk_region(coords, self.chunks)
+        if isinstance(self.data, SparseMask):
+            self.data.read_into(self.buffer, region)
+            return self.buffer
+        part = self.data[region]
+        if part.shape != self.chunks:  # an edge chunk
+            self.buffer.fill(0)
+        self.buffer[tuple(slice(0, n) for n in part.shape)] = part
+        return self.buffer
 
 
 class StoredArray:
@@ -324,8 +360,8 @@ def _empty_dir(path: Path) -> None:
 
 def _write_file(path: Path, pieces: list[bytes]) -> None:
     """Write `pieces` one after another (not joined first: that copied a hand X-ray's 4 MB once
-    more) through a temporary sibling and rename, as zarr does: a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.partial")
-    with open(tmp, "wb") as file:
+    more). Straight to `path`, not through a temporary sibling and a rename as zarr writes: the
+    folder was just emptied, so no reader can rely on the old file, and segpipe's stores are
+    built in a temporary folder renamed only when complete (segpipe.atomic)."""
+    with open(path, "wb") as file:
         file.writelines(pieces)
-    os.replace(tmp, path)

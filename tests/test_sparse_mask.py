@@ -44,6 +44,22 @@ def test_every_region_equals_that_region_of_the_dense_mask():
         np.testing.assert_array_equal(region, dense[key], err_msg=str(key))
 
 
+def test_a_region_read_into_a_larger_buffer_fills_its_corner_and_zeroes_the_rest():
+    """As zarr_files cuts chunks: one buffer, reused, the edge chunks padded with 0."""
+    rng = np.random.default_rng(4)
+    sparse, dense = random_mask(rng, 40)
+    buffer = np.full((3, 40, 40), 7, dtype=np.uint8)  # stale content everywhere
+    for _ in range(200):
+        start = [int(rng.integers(0, n)) for n in SHAPE]
+        key = tuple(slice(a, a + int(rng.integers(0, 41)) if i else a + int(rng.integers(0, 4))) for i, a in enumerate(start))
+        sparse.read_into(buffer, key)
+        region = dense[key]
+        np.testing.assert_array_equal(buffer[tuple(slice(0, n) for n in region.shape)], region, err_msg=str(key))
+        assert buffer.sum() == region.sum(), key
+    with pytest.raises(ValueError, match="cannot hold the region"):
+        sparse.read_into(np.zeros((3, 10, 40), np.uint8), (slice(0, 3), slice(0, 11), slice(0, 40)))
+
+
 def test_reading_a_region_returns_a_new_array_not_the_patches():
     sparse = SparseMask((1, 4, 4))
     patch = np.ones((2, 2), bool)

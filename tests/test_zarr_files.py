@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from zarr.codecs import BloscCodec
 
 from segpipe import zarr_files
 from segpipe.errors import StoreError
@@ -40,14 +41,25 @@ CASES = {  # name: (data, chunks, the shards zarr is given: none for one chunk, 
 }
 
 
+def compressor_of(array: Path) -> BloscCodec:
+    """The compressor the metadata of an array written by write_array names: one of its two."""
+    codec = zarr.open_array(array, mode="r").compressors[0]
+    chosen = [c for c in (zarr_files.COMPRESSOR, zarr_files.UNCOMPRESSED) if c.clevel == codec.clevel]
+    assert len(chosen) == 1 and (codec.cname, codec.shuffle) == (chosen[0].cname, chosen[0].shuffle), codec
+    return chosen[0]
+
+
 @pytest.mark.parametrize("name", CASES)
 def test_array_files_are_zarrs_own_bytes(tmp_path, name):
+    """Whichever compressor write_array chose (see the tests of that choice below), zarr writes the
+    same files with it."""
     data, chunks, shards = CASES[name]
-    by_zarr = zarr.open_group(tmp_path / "zarr.zarr", mode="w", zarr_format=3)
-    by_zarr.create_array("a", data=data, chunks=chunks, shards=shards, compressors=zarr_files.COMPRESSOR,
-                         chunk_key_encoding=zarr_files.CHUNK_KEY_ENCODING, config={"write_empty_chunks": True})
     zarr.open_group(tmp_path / "ours.zarr", mode="w", zarr_format=3)
     zarr_files.write_array(tmp_path / "ours.zarr" / "a", data, chunks)
+    by_zarr = zarr.open_group(tmp_path / "zarr.zarr", mode="w", zarr_format=3)
+    by_zarr.create_array("a", data=data, chunks=chunks, shards=shards,
+                         compressors=compressor_of(tmp_path / "ours.zarr" / "a"),
+                         chunk_key_encoding=zarr_files.CHUNK_KEY_ENCODING, config={"write_empty_chunks": True})
 
     ours = files_under(tmp_path / "ours.zarr" / "a")
     assert ours == files_under(tmp_path / "zarr.zarr" / "a")
@@ -66,10 +78,32 @@ def test_arrays_of_one_kind_in_many_sizes_are_zarrs_own_bytes(tmp_path):
                                 ("c", (40, 60, 3), (40, 60, 3)), ("d", (41, 60, 3), (41, 60, 3))]:
         data = smooth(shape, "uint8")
         shards = None if chunks == shape else tuple(-(-s // c) * c for s, c in zip(shape, chunks))
-        by_zarr.create_array(name, data=data, chunks=chunks, shards=shards, compressors=zarr_files.COMPRESSOR,
-                             chunk_key_encoding=zarr_files.CHUNK_KEY_ENCODING, config={"write_empty_chunks": True})
         zarr_files.write_array(tmp_path / "ours.zarr" / name, data, chunks)
+        by_zarr.create_array(name, data=data, chunks=chunks, shards=shards,
+                             compressors=compressor_of(tmp_path / "ours.zarr" / name),
+                             chunk_key_encoding=zarr_files.CHUNK_KEY_ENCODING, config={"write_empty_chunks": True})
         assert files_under(tmp_path / "ours.zarr" / name) == files_under(tmp_path / "zarr.zarr" / name), name
+
+
+def test_arrays_that_lz4_cannot_shrink_are_stored_uncompressed_and_the_rest_compressed(tmp_path):
+    """The choice is made on the middle chunk of an array of several chunks: noise (as X-rays are
+    to LZ4) is stored as it is; smooth content, any array of one chunk, and masks are compressed."""
+    noise = RNG.integers(0, 256, (256, 256), dtype=np.uint8)
+    smooth_image = np.add.outer(np.arange(256), np.arange(256)).astype(np.uint8) // 8
+    noisy_middle = smooth_image.copy()
+    noisy_middle[128:192, 128:192] = noise[:64, :64]  # the middle chunk of a 4 x 4 grid
+    mask, _ = random_mask(np.random.default_rng(3), 6, (3, 256, 256))
+    cases = [("noise", noise, (64, 64), zarr_files.UNCOMPRESSED), ("smooth", smooth_image, (64, 64), zarr_files.COMPRESSOR),
+             ("noisy middle", noisy_middle, (64, 64), zarr_files.UNCOMPRESSED),
+             ("noise in one chunk", noise, noise.shape, zarr_files.COMPRESSOR),
+             ("mask", mask, (1, 64, 64), zarr_files.COMPRESSOR)]
+    for name, data, chunks, expected in cases:
+        zarr_files.write_array(tmp_path / name, data, chunks)
+        assert compressor_of(tmp_path / name) == expected, name
+        np.testing.assert_array_equal(np.asarray(zarr_files.StoredArray(tmp_path / name)), np.asarray(data))
+    shard_size = (tmp_path / "noise" / "c.0.0").stat().st_size
+    assert shard_size == noise.nbytes + 16 * 16 + 16 * 16 + 4  # a Blosc header per chunk, the index and its crc32c
+    assert (tmp_path / "smooth" / "c.0.0").stat().st_size < smooth_image.nbytes / 4
 
 
 def test_group_files_are_zarrs_own_bytes(tmp_path):

@@ -109,11 +109,8 @@ def open_image(path: Path) -> Image.Image:
 
 
 def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    with open(path, "rb") as f:  # file_digest reads into one reused buffer
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 from segpipe.datasets import hand_xray, kvasir, usc_timit  # noqa: E402  (they import the helpers above)
