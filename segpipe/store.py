@@ -22,7 +22,8 @@ its per-call cost. Arrays filled band by band go through zarr. Masks are read th
 CaseStore.reader (zarr_files.StoredArray), several times quicker than zarr, whose cost per chunk
 made a hand mask in 464 one-class chunks slower to read than in 16 all-class ones; the rest of
 the reading goes through zarr.
-Compression is Blosc-LZ4 and chunk keys are "c.0.0" (see zarr_files, which sets both).
+Compression is Blosc-LZ4 (level 0, no compression, for arrays it cannot shrink, such as X-rays)
+and chunk keys are "c.0.0" (see zarr_files, which sets both).
 """
 from __future__ import annotations
 
@@ -94,7 +95,8 @@ class CaseStore:
         return cls(path, mode="r+")
 
     def set_attrs(self, attrs: dict[str, Any]) -> None:
-        """Replace the root attrs (the cases stay)."""
+        """Replace the root attrs (the cases stay), in place: for a store still being built in its
+        temporary folder (segpipe.atomic), as every writer builds one."""
         zarr_files.write_group_attrs(self.path, attrs)
         self.__dict__.pop("root", None)  # a root group opened before holds the old attrs
 

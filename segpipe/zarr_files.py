@@ -189,9 +189,9 @@ class _ChunkCutter:
 
 
 class StoredArray:
-    """An array as write_array and zarr (with this module's COMPRESSOR and CHUNK_KEY_ENCODING) store
-    it, read by decoding its files here: Blosc chunks, in shards (index at the end) or not, fill
-    value 0. Read only.
+    """An array as write_array and zarr (with this module's COMPRESSOR or UNCOMPRESSED, and
+    CHUNK_KEY_ENCODING) store it, read by decoding its files here: Blosc chunks, in shards (index
+    at the end) or not, fill value 0. Read only.
 
     Why: zarr spends 0.1-0.4 ms of CPU on every chunk a read visits, stored or not. A demo hand's
     2048 px mask in 464 one-class chunks, 57 of them stored, took zarr 174-209 ms to read whole
@@ -360,8 +360,8 @@ def _empty_dir(path: Path) -> None:
 
 def _write_file(path: Path, pieces: list[bytes]) -> None:
     """Write `pieces` one after another (not joined first: that copied a hand X-ray's 4 MB once
-    more). Straight to `path`, not through a temporary sibling and a rename as zarr writes: the
-    folder was just emptied, so no reader can rely on the old file, and segpipe's stores are
-    built in a temporary folder renamed only when complete (segpipe.atomic)."""
+    more). Straight to `path`, not through a temporary sibling and a rename as zarr writes: every
+    segpipe store is built in a temporary folder renamed only when complete (segpipe.atomic), so
+    no reader sees a file while it is written."""
     with open(path, "wb") as file:
         file.writelines(pieces)
