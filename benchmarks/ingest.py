@@ -5,8 +5,9 @@
 
 Prints one JSON line. For each dataset (the real Kvasir pairs; synthetic 2048x2048 hand X-rays
 with 29-channel masks written by segpipe/datasets/demo_hand.py into a temporary folder):
-    decode   the dataset's reader decodes every case on the cluster (same workers, same bound on
-             cases in flight) and the arrays are dropped: reading and decoding, nothing written
+    decode   the dataset's reader decodes every case on the cluster (same workers, same tasks of
+             one or more cases as ingest's, same bound on tasks in flight) and the arrays are
+             dropped: reading and decoding, nothing written
     ingest   segpipe.ingest.ingest into a fresh store: hash, decode, and write every case
     rerun    ingest again over the unchanged files (hashing only; the store is left untouched)
 Rates are images/s and MB/s of raw files read; ratio = ingest rate / decode rate (goal >= 0.8).
@@ -33,7 +34,7 @@ from distributed import Client
 
 from segpipe.config import HandXrayDemo, IngestConfig, load_params
 from segpipe.datasets import RawCase, demo_hand, reader
-from segpipe.ingest import in_flight_limit, ingest, map_bounded
+from segpipe.ingest import in_flight_limit, ingest, map_bounded, task_batches
 from segpipe.parallel import dask_client
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,22 +46,24 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def decode_only(case: RawCase, dataset: str) -> None:
-    """The baseline's work for one case: what ingest does minus hashing and writing."""
-    reader(dataset).load_case(case)
+def decode_only(cases: list[RawCase], dataset: str) -> None:
+    """The baseline's work for one task: what ingest does minus hashing and writing."""
+    for case in cases:
+        reader(dataset).load_case(case)
 
 
 def measure(client: Client, dataset: str, raw: Path, cfg: IngestConfig, repeats: int, work: Path) -> dict:
     cases = reader(dataset).scan(raw).strict()
     megabytes = sum(path.stat().st_size for case in cases for path in case.files()) / 1e6
     limit = in_flight_limit(cfg, client)
+    tasks = task_batches(cases, limit)
     best = {"decode": float("inf"), "ingest": float("inf"), "rerun": float("inf")}
     run_ratios = []
-    for _ in map_bounded(client, decode_only, cases, limit, dataset=dataset):  # warm-up: files cached, imports done
+    for _ in map_bounded(client, decode_only, tasks, limit, dataset=dataset):  # warm-up: files cached, imports done
         pass
     for run in range(repeats):
         start = time.perf_counter()
-        for _ in map_bounded(client, decode_only, cases, limit, dataset=dataset):
+        for _ in map_bounded(client, decode_only, tasks, limit, dataset=dataset):
             pass
         decode_s = time.perf_counter() - start
         out = work / f"{dataset}-{run}.zarr"
@@ -74,7 +77,7 @@ def measure(client: Client, dataset: str, raw: Path, cfg: IngestConfig, repeats:
         report = ingest(dataset, raw, out, cfg, client)
         best["rerun"] = min(best["rerun"], time.perf_counter() - start)
         assert report.unchanged == len(cases), report.summary()
-    result = {"images": len(cases), "MB": round(megabytes, 1)}
+    result = {"images": len(cases), "tasks": len(tasks), "MB": round(megabytes, 1)}
     for name, seconds in best.items():
         result[f"{name}_s"] = round(seconds, 3)
         result[f"{name}_images_per_s"] = round(len(cases) / seconds, 2)
@@ -106,7 +109,7 @@ def main() -> None:
             "kvasir": measure(client, "kvasir", args.kvasir, params.ingest, args.repeats, work),
             "hand_xray": measure(client, "hand_xray", work / "hand_xray", params.ingest, args.repeats, work),
             # The client only submits and collects small outcomes; decoded cases live on the workers,
-            # whose peak holds a few cases at most (max_in_flight queued, one decoding per thread).
+            # whose peak holds a few cases at most (max_in_flight tasks queued, one case decoding per thread).
             "client_peak_rss_MB": round(peak_rss_mb(), 1),
             "worker_peak_rss_MB": round(max(client.run(peak_rss_mb).values()), 1),
         }

@@ -78,8 +78,9 @@ class IngestConfig(Section):
     chunk: int = Field(512, ge=16, description="spatial chunk edge of large images")
     video_chunk_frames: int = Field(16, ge=1)
     max_in_flight: int | None = Field(
-        None, ge=1, description="cases queued or being decoded at once; None: 4 per Dask worker thread (a queued "
-        "case holds no pixels: memory holds one case per thread)",
+        None, ge=1, description="tasks queued or running at once (a task ingests one case or several small ones, "
+        "see segpipe.ingest.task_batches); None: 4 per Dask worker thread (a queued task holds no pixels: "
+        "memory holds one case per thread)",
     )
 
 

@@ -9,9 +9,10 @@ Atomic: the new store is built in a temporary sibling (unchanged cases hard-link
 previous store, so their bytes are neither copied nor rewritten) and renamed into place only
 when complete, so a killed or failed ingest leaves the previous store exactly as it was.
 
-Parallel and bounded: cases are hashed and decoded on a Dask cluster, at most `max_in_flight`
-at once; each worker writes its case straight into the temporary store and returns only its
-hashes, so memory holds a few decoded cases, never the dataset. The store must be on a
+Parallel and bounded: cases are hashed and decoded on a Dask cluster, in tasks of one or more
+cases (see task_batches), at most `max_in_flight` tasks at once; a task decodes its cases one
+after the other and writes each straight into the temporary store, returning only their hashes,
+so memory holds a decoded case per worker thread, never the dataset. The store must be on a
 filesystem the workers share.
 
 Error policy (`IngestConfig.on_error`):
@@ -24,6 +25,7 @@ Error policy (`IngestConfig.on_error`):
 from __future__ import annotations
 
 import inspect
+import itertools
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import closing
@@ -50,6 +52,9 @@ LAYOUT_PARAMS = ("chunk", "video_chunk_frames")  # the ingest params that shape 
 _END = object()
 # Cases hashed per task on a rerun: hashing a file is far quicker than a task's round trip.
 HASH_BATCH = 32
+# A task to ingest takes cases until their files reach this size (see task_batches): one 2048 px
+# hand X-ray (~3 MB) or one video fills a task, a real Kvasir pair (~50 kB) takes ~20 companions.
+TASK_BYTES = 1 << 20
 IN_FLIGHT_PER_THREAD = 4  # see in_flight_limit
 
 
@@ -135,9 +140,9 @@ def _ingest_all(client: Client, cases: list[RawCase], store: CaseStore, raw: Pat
                 report: IngestReport, limit: int) -> None:
     """Have the workers decode `cases` and write them into `store`; count them or reject them."""
     outcomes: dict[str, CaseOutcome] = {}
-    with closing(map_bounded(client, _ingest_case, cases, limit, dataset=report.dataset, store=store.path,
-                             raw=raw, cfg=cfg)) as arriving:
-        for outcome in arriving:
+    with closing(map_bounded(client, _ingest_cases, task_batches(cases, limit), limit, dataset=report.dataset,
+                             store=store.path, raw=raw, cfg=cfg)) as arriving:
+        for outcome in itertools.chain.from_iterable(arriving):
             if outcome.error and cfg.on_error == "fail":
                 raise IngestError(*outcome.error)
             outcomes[outcome.case_id] = outcome
@@ -150,12 +155,43 @@ def _ingest_all(client: Client, cases: list[RawCase], store: CaseStore, raw: Pat
 
 
 def in_flight_limit(cfg: IngestConfig, client: Client) -> int:
-    """Cases submitted at once: by default IN_FLIGHT_PER_THREAD per worker thread. A queued case
-    holds no pixels (a thread decodes one case at a time, and a finished one returns only its
+    """Tasks submitted at once: by default IN_FLIGHT_PER_THREAD per worker thread. A queued task
+    holds no pixels (a thread decodes one case at a time, and a finished task returns only
     hashes), so memory holds a case per thread whatever the dataset size, while the queue keeps
-    threads busy across the round trips to the client: with 4 instead of 2, Kvasir ingest went
-    from 42-49 to 63 images/s on 2 workers."""
+    threads busy across the round trips to the client: with 4 instead of 2, Kvasir ingest (a case
+    per task then) went from 42-49 to 63 images/s on 2 workers."""
     return cfg.max_in_flight or IN_FLIGHT_PER_THREAD * sum(client.nthreads().values())
+
+
+def task_batches(cases: list[RawCase], limit: int) -> list[list[RawCase]]:
+    """`cases` in order, cut into the tasks that ingest them: each takes cases until their files
+    reach TASK_BYTES, and at most len(cases) // limit of them, so that a small dataset still gives
+    every one of the `limit` tasks in flight some work.
+
+    Why: on the 2-core development VM a Dask task's round trip costs ~10 ms of CPU across client,
+    scheduler and worker, more than a real Kvasir pair takes to decode (~4 ms). With a case per
+    task 300 pairs took 3.3-4.2 s to ingest on 2 workers, in tasks of 8 pairs 1.9 s."""
+    most = max(1, len(cases) // limit)
+    batches: list[list[RawCase]] = []
+    size = 0
+    for case in cases:
+        if not batches or size >= TASK_BYTES or len(batches[-1]) >= most:
+            batches.append([])
+            size = 0
+        batches[-1].append(case)
+        size += _file_bytes(case)
+    return batches
+
+
+def _file_bytes(case: RawCase) -> int:
+    """The size of a case's files; one that cannot be read counts 0 (hashing it reports why)."""
+    size = 0
+    for path in case.files():
+        try:
+            size += path.stat().st_size
+        except OSError:
+            pass
+    return size
 
 
 def map_bounded(client: Client, fn: Callable[..., Any], items: Iterable[Any], limit: int,
@@ -287,6 +323,11 @@ def _hash_cases(cases: list[RawCase]) -> list[CaseOutcome]:
         except IngestError as exc:
             outcomes.append(CaseOutcome(case.case_id, [], (str(exc.path), exc.reason)))
     return outcomes
+
+
+def _ingest_cases(cases: list[RawCase], dataset: str, store: Path, raw: Path, cfg: IngestConfig) -> list[CaseOutcome]:
+    """One task: the cases one after the other, each written before the next is decoded."""
+    return [_ingest_case(case, dataset, store, raw, cfg) for case in cases]
 
 
 def _ingest_case(case: RawCase, dataset: str, store: Path, raw: Path, cfg: IngestConfig) -> CaseOutcome:

@@ -4,27 +4,26 @@ kills the stage while it is certainly midway, never after it finished."""
 from __future__ import annotations
 
 import time
+from typing import Any
 
-from distributed import Worker, WorkerPlugin
+from distributed import Worker
 
-from segpipe.ingest import _ingest_case
+import segpipe.ingest
 
 HANG_AT = 3
-KEY_PREFIX = f"{_ingest_case.__name__}-"  # client.submit names a task <function>-<uuid>
-
-
-class HangAtCase(WorkerPlugin):
-    def __init__(self) -> None:
-        self.started = 0
-
-    def transition(self, key: str, start: str, finish: str, **kwargs: object) -> None:
-        # Called on the worker's event loop before the case is handed to a thread: sleeping here
-        # stops the worker with the earlier cases fully written and this one not begun.
-        if finish == "executing" and key.startswith(KEY_PREFIX):
-            self.started += 1
-            if self.started == HANG_AT:
-                time.sleep(600)  # the test kills it long before
 
 
 async def dask_setup(worker: Worker) -> None:
-    await worker.plugin_add(HangAtCase(), name=HangAtCase.__name__)
+    # A task may hold several cases (segpipe.ingest.task_batches) and ingests them one by one
+    # through _ingest_case, looked up in the module at each call: hanging there stops the worker
+    # with the earlier cases fully written and this one not begun.
+    ingest_case, started = segpipe.ingest._ingest_case, 0
+
+    def hang_at_case(*args: Any, **kwargs: Any) -> segpipe.ingest.CaseOutcome:
+        nonlocal started
+        started += 1
+        if started == HANG_AT:
+            time.sleep(600)  # the test kills it long before
+        return ingest_case(*args, **kwargs)
+
+    segpipe.ingest._ingest_case = hang_at_case

@@ -21,9 +21,10 @@ from distributed.diagnostics.plugin import SchedulerPlugin
 from PIL import Image
 
 from segpipe.config import DaskConfig, HandXrayDemo, IngestConfig
-from segpipe.datasets import demo_hand
+from segpipe.datasets import RawCase, demo_hand, reader
 from segpipe.errors import IngestError
-from segpipe.ingest import IngestReport, ingest, map_bounded
+import segpipe.ingest
+from segpipe.ingest import IngestReport, ingest, map_bounded, task_batches
 from segpipe.parallel import dask_client
 from segpipe.store import CaseStore
 from tasks import ingest as stage
@@ -408,7 +409,7 @@ def test_a_killed_ingest_leaves_the_previous_store_readable_and_complete(kvasir_
         kvasir_pair(raw, f"n{i}")
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["dask"] = {"scheduler": None, "n_workers": 1, "threads_per_worker": 1}
-    params["ingest"]["max_in_flight"] = 1  # one case at a time: the worker hangs after HANG_AT - 1 of them
+    params["ingest"]["max_in_flight"] = 1  # one task at a time: the worker hangs after HANG_AT - 1 cases
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     hanging = {"DASK_DISTRIBUTED__WORKER__PRELOAD": json.dumps([str(ROOT / "tests" / "hanging_worker.py")])}
     with (tmp_path / "stderr").open("w") as stderr:  # the child keeps its own descriptor
@@ -463,9 +464,11 @@ class UnfinishedTasks(SchedulerPlugin):
         self.unfinished: set = set()
         self.peak = 0
         self.kinds: set = set()  # what ran: task names without their unique suffix
+        self.seen: set = set()  # every task's key
 
     def transition(self, key, start, finish, *args, **kwargs):
         self.kinds.add(key_split(key))
+        self.seen.add(key)
         if finish in self.UNFINISHED:
             self.unfinished.add(key)
         else:
@@ -473,10 +476,11 @@ class UnfinishedTasks(SchedulerPlugin):
         self.peak = max(self.peak, len(self.unfinished))
 
 
-def test_ingest_through_a_scheduler_address_keeps_at_most_max_in_flight_cases(tmp_path):
+def test_ingest_through_a_scheduler_address_keeps_at_most_max_in_flight_tasks(tmp_path, monkeypatch):
     raw = tmp_path / "raw"
     for i in range(8):
         kvasir_pair(raw, f"c{i}")
+    monkeypatch.setattr(segpipe.ingest, "TASK_BYTES", 1)  # a case per task: 8 tasks for 2 places (in-process workers)
     tasks = UnfinishedTasks()
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
         cluster.scheduler.add_plugin(tasks)
@@ -484,7 +488,7 @@ def test_ingest_through_a_scheduler_address_keeps_at_most_max_in_flight_cases(tm
             report = ingest("kvasir", raw, tmp_path / "k.zarr", IngestConfig(max_in_flight=2), client)
     assert (report.found, report.ingested) == (8, 8)
     assert len(CaseStore(tmp_path / "k.zarr").case_ids()) == 8
-    assert 1 <= tasks.peak <= 2
+    assert 1 <= tasks.peak <= 2 and len(tasks.seen) == 8
 
 
 def test_stage_runs_on_the_scheduler_named_in_params(tmp_path, capsys):
@@ -499,7 +503,7 @@ def test_stage_runs_on_the_scheduler_named_in_params(tmp_path, capsys):
                 "--report", str(tmp_path / "r.json"), "--params", str(tmp_path / "params.yaml")]
         stage.main(stage.build_parser().parse_args(args))
         stage.main(stage.build_parser().parse_args(args))
-    assert {"ingest_case", "hash_cases"} <= tasks.kinds  # the first run decoded, the second hashed
+    assert {"ingest_cases", "hash_cases"} <= tasks.kinds  # the first run decoded, the second hashed
     assert json.loads((tmp_path / "r.json").read_text())["unchanged"] == 3
     assert "0 ingested (0 changed), 3 unchanged" in capsys.readouterr().out.splitlines()[-1]
 
@@ -518,3 +522,36 @@ def test_map_bounded_keeps_at_most_limit_items_unfinished_and_returns_every_resu
         client.cluster.scheduler.remove_plugin("unfinished")
     assert sorted(results) == [i * i for i in range(12)]
     assert tasks.peak == 3 and tasks.kinds == {"slow_square"}
+
+
+def ids_of(batches: list[list[RawCase]]) -> list[list[str]]:
+    return [[case.case_id for case in batch] for batch in batches]
+
+
+def test_task_batches_fill_tasks_up_to_task_bytes_in_order_and_give_every_place_in_flight_work(tmp_path, monkeypatch):
+    monkeypatch.setattr(segpipe.ingest, "TASK_BYTES", 100)
+    cases = []
+    for i, (image, label) in enumerate([(40, 0), (40, 0), (40, 0), (50, 100), (10, 0), (10, 0), (None, 0)]):
+        source, mask = tmp_path / f"c{i}.jpg", tmp_path / f"c{i}-mask.jpg"
+        if image is not None:  # c6's image is missing: it counts 0 bytes (hashing it then says why)
+            source.write_bytes(b"x" * image)
+        if label:
+            mask.write_bytes(b"x" * label)
+        cases.append(RawCase(f"c{i}", "g", source, label=mask if label else None))
+
+    # a task closes once its files reach 100 bytes: c0-c2 (120), c3 alone (its image and mask, 150)
+    assert ids_of(task_batches(cases, limit=1)) == [["c0", "c1", "c2"], ["c3"], ["c4", "c5", "c6"]]
+    # and takes at most 7 // 3 = 2 cases, so that 3 tasks in flight are not 1 task and 2 idle places
+    assert ids_of(task_batches(cases, limit=3)) == [["c0", "c1"], ["c2", "c3"], ["c4", "c5"], ["c6"]]
+    assert ids_of(task_batches(cases, limit=8)) == [[case.case_id] for case in cases]
+
+
+def test_a_bad_case_in_a_task_of_several_is_skipped_alone_or_fails_the_stage(tmp_path, client):
+    dataset, raw, good, bad_file, problem = bad_layout(tmp_path, "truncated jpeg")
+    assert ids_of(task_batches(reader(dataset).list_cases(raw), 1)) == [["a", "b", "bad", "c"]]  # one task
+    report = ingest(dataset, raw, tmp_path / "out.zarr", IngestConfig(on_error="skip", max_in_flight=1), client)
+    assert (report.ingested, [s["source"] for s in report.skipped]) == (3, [bad_file])
+    assert CaseStore(tmp_path / "out.zarr").case_ids() == good
+    with pytest.raises(IngestError, match=problem):
+        ingest(dataset, raw, tmp_path / "new.zarr", IngestConfig(on_error="fail", max_in_flight=1), client)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.zarr", "raw"]  # no store, no temporary left over
