@@ -1,8 +1,10 @@
 """The speech-MRI video reader: the two real clips, and small synthetic AVIs for the rest."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
+import av
 import h5py
 import numpy as np
 import pytest
@@ -50,6 +52,33 @@ def test_real_75_speaker_clip_gives_3216_frames_of_84x84_at_83_28_fps_with_warmu
     assert timestamps[-1] == pytest.approx(3215 / data.attrs["fps"], abs=1e-3)
 
 
+def luma_planes(path: Path) -> np.ndarray:
+    """The Y plane of every frame of a YUV video, read straight from the decoder's buffers."""
+    planes = []
+    with av.open(str(path)) as container:
+        for frame in container.decode(video=0):
+            y = frame.planes[0]  # rows padded to line_size bytes
+            planes.append(np.frombuffer(y, np.uint8).reshape(y.height, y.line_size)[:, : y.width])
+    return np.stack(planes)
+
+
+@needs_shared_data
+def test_real_75_speaker_frames_are_its_luma_plane_as_coded_neither_stretched_nor_clipped():
+    (case,) = usc_timit.list_cases(SUB001)
+    coded = luma_planes(case.source)
+    # Values outside 16-235 are real signal here: a TV-range reading would clip and stretch them.
+    assert coded.min() < 16 and coded.max() > 235
+    np.testing.assert_array_equal(usc_timit.load_case(case).image, coded)
+
+
+def test_synthetic_mp4_keeps_grey_levels_outside_the_tv_range(tmp_path):
+    levels = np.array([3, 8, 128, 248, 252])
+    write_mp4(tmp_path / "sub001" / "2drt" / "video" / "a_video.mp4",
+              np.repeat(levels, 16 * 16).reshape(-1, 16, 16).astype(np.uint8))
+    image = usc_timit.load_case(usc_timit.list_cases(tmp_path)[0]).image
+    np.testing.assert_allclose(image.mean(axis=(1, 2)), levels, atol=1.5)  # MPEG-4 is lossy
+
+
 def test_warmup_is_the_leading_run_brighter_than_1_25x_the_second_half_median():
     steady = np.full((20, 4, 4), 40, np.uint8)
     assert usc_timit.warmup_frames(steady) == 0
@@ -84,6 +113,48 @@ def test_stray_file_in_a_video_folder_is_a_structural_error(tmp_path):
     (tmp_path / "M1" / "mri" / "M1_1.txt").write_text("notes")
     with pytest.raises(IngestError, match=r"mri/M1_1\.txt: stray entry"):
         usc_timit.list_cases(tmp_path)
+
+
+def test_a_video_in_an_upper_case_suffix_is_read(tmp_path):
+    write_avi(tmp_path / "M1" / "mri" / "M1_1.AVI", clip())
+    assert [c.case_id for c in usc_timit.list_cases(tmp_path)] == ["M1_1"]
+
+
+@pytest.mark.parametrize("where, message", [
+    ("M1/M1_1.avi", r"video where no layout reads it: expected <speaker>/mri/\*\.avi or "
+                    r"<speaker>/2drt/video/\*\.mp4"),
+    ("F3/MRI/F3_1.avi", r"video where no layout reads it \(folder names are case-sensitive: 'MRI' should be 'mri'\)"),
+    ("sub002/2drt/Video/c_video.mp4", r"case-sensitive: '2drt/Video' should be '2drt/video'\)"),
+    ("loose.avi", "video where no layout reads it"),
+    ("M1/wav/M1_1.MP4", "video where no layout reads it"),
+])
+def test_a_video_where_no_layout_reads_it_is_a_problem_naming_it_and_the_rest_is_read(tmp_path, where, message):
+    write_avi(tmp_path / "F2" / "mri" / "F2_400.avi", clip())
+    (tmp_path / where).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / where).write_bytes(b"RIFF")  # never opened: where it lies is enough
+    scan = usc_timit.scan(tmp_path)
+    assert [c.case_id for c in scan.cases] == ["F2_400"]
+    (problem,) = scan.problems
+    assert str(problem).startswith(f"{tmp_path / where}: ") and re.search(message, problem.reason)
+
+
+def test_the_other_files_of_a_release_copy_are_not_problems(tmp_path):
+    write_avi(tmp_path / "F2" / "mri" / "F2_400.avi", clip())
+    write_mp4(tmp_path / "sub001" / "2drt" / "video" / "c_video.mp4", vocal_tract(4))
+    for other in ("README.txt", "LICENSE", "F2/wav/F2_400.wav", "F2/ema/F2_400.ema", "F2/trans/F2_400.trn",
+                  "F2/tracks/F2_400.mat", "sub001/2drt/audio/c_audio.wav", "sub001/2drt/raw/c_raw.h5",
+                  "sub001/t2w/sub001_t2w.h5", "sub001/3d/sub001_3d_aa.h5", "F2/.hidden/x.avi", "F2/._F2_1.avi"):
+        (tmp_path / other).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / other).write_bytes(b"data")
+    scan = usc_timit.scan(tmp_path)
+    assert [c.case_id for c in scan.cases] == ["F2_400", "sub001_c_video"] and scan.problems == []
+
+
+def test_a_folder_inside_a_video_folder_is_one_stray_entry_not_one_per_video_in_it(tmp_path):
+    write_avi(tmp_path / "M1" / "mri" / "M1_1.avi", clip())
+    write_avi(tmp_path / "M1" / "mri" / "old" / "M1_1.avi", clip())
+    assert [str(p) for p in usc_timit.scan(tmp_path).problems] == [
+        f"{tmp_path / 'M1' / 'mri' / 'old'}: stray entry: expected only ['.avi'] files here"]
 
 
 def test_folder_without_videos_is_an_error(tmp_path):

@@ -8,6 +8,7 @@ from pathlib import Path
 import av
 import h5py
 import numpy as np
+from av.video.reformatter import ColorRange
 
 
 def write_avi(path: Path, frames: np.ndarray, fps: float = 23.18) -> None:
@@ -16,7 +17,8 @@ def write_avi(path: Path, frames: np.ndarray, fps: float = 23.18) -> None:
 
 
 def write_mp4(path: Path, frames: np.ndarray, fps: float = 83.28) -> None:
-    """MPEG-4 video of grey frames (lossy), as the USC 75-speaker release stores them."""
+    """MPEG-4 video of grey frames (lossy), as the USC 75-speaker release stores them: the grey
+    values are the luma plane, full range and untagged."""
     write_video(path, frames, fps, "mpeg4", "yuv420p")
 
 
@@ -26,7 +28,10 @@ def write_video(path: Path, frames: np.ndarray, fps: float, codec: str, pix_fmt:
         stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1000))
         stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], pix_fmt
         for grey in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(grey, format="gray").reformat(format=pix_fmt)))
+            # Full range in and out: a YUV luma plane then holds the grey values, not 16-235.
+            frame = av.VideoFrame.from_ndarray(grey, format="gray").reformat(
+                format=pix_fmt, src_color_range=ColorRange.JPEG, dst_color_range=ColorRange.JPEG)
+            container.mux(stream.encode(frame))
         container.mux(stream.encode())
 
 

@@ -8,14 +8,16 @@ import av
 import numpy as np
 
 from segpipe.config import UscTimitDemo
+from segpipe.datasets.usc_timit import luma
 from segpipe.store import CaseStore
 
 VIDEOS = UscTimitDemo(n_speakers=2, videos_per_speaker=2, n_frames=24, warmup_frames=3, size=68, fps=23.18)
 
 
 def decode(path: Path) -> np.ndarray:
+    """A video's frames as the reader stores them."""
     with av.open(str(path)) as container:
-        return np.stack([f.to_ndarray(format="gray") for f in container.decode(video=0)])
+        return np.stack([luma(f) for f in container.decode(video=0)])
 
 
 def videos(root: Path):

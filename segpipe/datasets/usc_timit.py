@@ -3,10 +3,14 @@
     USC-TIMIT            <SPK>/mri/*.avi           (uncompressed BGR24, gray content)
     USC 75-speaker       subXXX/2drt/video/*.mp4   (MPEG-4, with an audio stream that is ignored)
 
+Frames are stored as coded: the MPEG-4 videos' luma plane untouched (they carry no range tag, and
+reading them as TV range, 16-235, would stretch and clip the real files' 1-253), the AVIs' grey.
+
 A case is one video; its group is the speaker folder. Case ids are the file stem, prefixed with
 the speaker when the stem does not already start with it, so two speakers' `clip1` cannot collide.
 Other folders beside `mri/`, `2drt/video/` and `2drt/recon/` (audio, raw k-space, tracks) are
-ignored; any entry of another kind inside those folders is a stray file.
+ignored; any entry of another kind inside those folders is a stray file, and a video file that
+lies anywhere else (a misplaced clip, a folder named `MRI`) is a structural problem, never dropped.
 
 Reconstructions (USC 75-speaker `subXXX/2drt/recon/<clip>_recon.h5`, when present): the release's
 float images that its 8-bit MPEG-4 videos were rendered from, matched to the video of the same
@@ -24,12 +28,14 @@ frame mean of the second half of the video (the steady state).
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import av
 import h5py
 import numpy as np
+from av.video.reformatter import ColorRange
 
 from segpipe.datasets import CaseData, RawCase, Scan, require_dir, split_by_suffix, visible
 from segpipe.errors import IngestError
@@ -40,6 +46,8 @@ WARMUP_RATIO = 1.25
 RECONS = {"2drt/video": "2drt/recon"}  # video subfolder -> its reconstructions' subfolder
 RECON_DATASET = "recon"  # the dataset in each .h5 (the release's MATLAB scripts read /recon)
 MIN_RECON_MATCH = 0.5  # least correlation of a reconstruction's mean frame with its video's
+# Suffixes (lower case) of files that are videos wherever they lie, so must lie where a layout reads them.
+VIDEO_SUFFIXES = {".avi", ".mp4", ".m4v", ".mov", ".mkv", ".webm", ".mpg", ".mpeg", ".wmv"}
 
 
 def scan(raw: Path) -> Scan:
@@ -58,6 +66,7 @@ def scan(raw: Path) -> Scan:
                           for _, path in sorted(videos.items())]
             problems += [IngestError(path, f"reconstruction without its video (no video of clip {name!r} "
                                            f"in {speaker.name}/{sub}/)") for name, path in sorted(recons.items())]
+    problems += [_unread_video(raw, path) for path in _videos_outside(raw, _read_folders(raw))]
     if not cases and not problems:
         problems.append(IngestError(raw, f"no videos found under <speaker>/{{{','.join(LAYOUTS)}}}/"))
     return Scan(sorted(cases, key=lambda c: c.case_id), problems)
@@ -151,6 +160,34 @@ def _recons(folder: Path, problems: list[IngestError]) -> dict[str, Path]:
     return _by_clip(files, "reconstruction", problems)
 
 
+def _read_folders(raw: Path) -> set[Path]:
+    """The folders the layout rules read: every entry there is already a case or a problem."""
+    return {speaker / sub for speaker in visible(raw) for sub in (*LAYOUTS, *RECONS.values())}
+
+
+def _videos_outside(raw: Path, read: set[Path]) -> list[Path]:
+    """Video files (by suffix) under `raw` outside the folders read. Only names are looked at, so a
+    full copy's thousands of audio, EMA and k-space files cost little."""
+    found = []
+    for folder, subfolders, files in os.walk(raw):
+        if Path(folder) in read:
+            subfolders.clear()  # what lies there is already reported
+            continue
+        subfolders[:] = [name for name in subfolders if not name.startswith(".")]  # as `visible`
+        found += [Path(folder, name) for name in files
+                  if not name.startswith(".") and Path(name).suffix.lower() in VIDEO_SUFFIXES]
+    return sorted(found)
+
+
+def _unread_video(raw: Path, path: Path) -> IngestError:
+    expected = " or ".join(f"<speaker>/{sub}/*{suffix}" for sub, suffixes in LAYOUTS.items()
+                           for suffix in sorted(suffixes))
+    sub = path.parent.relative_to(raw).as_posix().partition("/")[2]
+    wrong_case = sub != sub.lower() and sub.lower() in LAYOUTS
+    case_hint = f" (folder names are case-sensitive: {sub!r} should be {sub.lower()!r})" if wrong_case else ""
+    return IngestError(path, f"video where no layout reads it{case_hint}: expected {expected}")
+
+
 def _by_clip(files: dict[str, Path], what: str, problems: list[IngestError]) -> dict[str, Path]:
     """Files by clip name (clip_name); a second file of a clip goes to `problems`."""
     clips: dict[str, Path] = {}
@@ -189,12 +226,19 @@ def _decode(path: Path) -> tuple[list[np.ndarray], list[float], float]:
             frames, times = [], []
             for frame in container.decode(stream):
                 times.append(frame.time if frame.time is not None else len(frames) / fps)
-                frames.append(frame.to_ndarray(format="gray"))
+                frames.append(luma(frame))
             expected = stream.frames
     except av.FFmpegError as exc:
         raise IngestError(path, f"corrupt or undecodable video: {exc}") from exc
     _check_frames(path, frames, expected)
     return frames, times, fps
+
+
+def luma(frame: av.VideoFrame) -> np.ndarray:
+    """A frame's (H, W) uint8 luma as coded (see the module doc)."""
+    # Full range in and out: no range conversion of YUV, and a grey RGB pixel keeps its value.
+    return frame.reformat(format="gray", src_color_range=ColorRange.JPEG,
+                          dst_color_range=ColorRange.JPEG).to_ndarray()
 
 
 def _check_frames(path: Path, frames: list[np.ndarray], expected: int) -> None:
