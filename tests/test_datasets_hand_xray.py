@@ -3,6 +3,7 @@ train/test layout, and the real RSNA X-ray in that layout."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,8 @@ RSNA = SHARED_DATA / "hand-xray-rsna"
 
 RECTANGLE = [[2, 3], [6, 3], [6, 8], [2, 8]]
 TRIANGLE = [[0, 0], [6, 0], [0, 3]]
+# Edges cross at (2, 2): two triangles of opposite orientation, so its signed area is zero.
+BOWTIE = [[0, 0], [4, 4], [4, 0], [0, 4]]
 
 
 def write_xray(raw: Path, split: str, patient: str, stem: str, annotations=None, size=(64, 64), mode="L"):
@@ -78,15 +81,22 @@ def test_a_centre_outside_the_polygon_by_less_than_half_a_pixel_is_not_set():
 
 def test_fractional_vertices_are_kept_not_truncated():
     # Corners at half pixels hold the centres of rows 1..2, columns 1..4; truncated to (0,0)-(4,2)
-    # (as PIL did) they would also hold row 0 and column 0. A sliver between two rows of centres holds none.
+    # (as PIL did) they would also hold row 0 and column 0.
     square = [[0.5, 0.5], [4.5, 0.5], [4.5, 2.5], [0.5, 2.5]]
-    sliver = [[1.2, 1.2], [10.2, 1.4], [10.2, 1.6], [1.2, 1.6]]
-    mask = np.asarray(hand_xray.rasterise([{"label": "Radius", "points": square}, {"label": "Ulna", "points": sliver}],
-                                          (6, 12), Path("x.json")))
+    mask = np.asarray(hand_xray.rasterise([{"label": "Radius", "points": square}], (6, 12), Path("x.json")))
     expected = np.zeros((6, 12), np.uint8)
     expected[1:3, 1:5] = 1
     np.testing.assert_array_equal(mask[hand_xray.CHANNEL["Radius"]], expected)
-    assert mask[hand_xray.CHANNEL["Ulna"]].sum() == 0
+
+
+def test_self_crossing_polygon_with_zero_signed_area_fills_both_of_its_lobes(tmp_path):
+    write_xray(tmp_path, "train", "ID001", "a", [("Ulna", BOWTIE)])
+    mask = np.asarray(only_case(tmp_path).mask)
+    # Inside or on the left lobe: x <= y and x <= 4 - y; the right lobe: x >= y and x >= 4 - y.
+    yy, xx = np.mgrid[:64, :64]
+    expected = ((xx <= np.minimum(yy, 4 - yy)) | ((xx >= np.maximum(yy, 4 - yy)) & (xx <= 4))).astype(np.uint8)
+    assert expected.sum() == 2 + 4 + 5 + 4 + 2
+    np.testing.assert_array_equal(mask[hand_xray.CHANNEL["Ulna"]], expected)
 
 
 def test_random_polygons_fill_exactly_the_centres_an_independent_per_pixel_test_finds():
@@ -94,14 +104,10 @@ def test_random_polygons_fill_exactly_the_centres_an_independent_per_pixel_test_
     # vertices on a 1/q grid so that both computations are exact in floating point.
     rng = np.random.default_rng(0)
     height, width = 20, 24
-    tried = 0
-    while tried < 1000:
+    for _ in range(1000):
         q = int(rng.choice([1, 2, 4, 8]))
         xy = np.stack([rng.integers(-q, (width + 1) * q, 7), rng.integers(-q, (height + 1) * q, 7)], axis=1) / q
         xy = xy[: rng.integers(3, 8)]
-        if abs(np.dot(xy[:, 0], np.roll(xy[:, 1], -1)) - np.dot(xy[:, 1], np.roll(xy[:, 0], -1))) < 1e-9:
-            continue  # zero area: rejected by the reader
-        tried += 1
         rows, cols, inside = hand_xray.fill_polygon(xy, height, width)
         got = np.zeros((height, width), bool)
         got[rows, cols] = inside
@@ -158,15 +164,31 @@ def test_unknown_label_is_rejected_naming_the_json_and_the_label(tmp_path):
 @pytest.mark.parametrize(
     "points, problem",
     [
+        ([], r"empty polygon \(no points\)"),
         ([[1, 1], [5, 5]], "degenerate polygon: 2 point"),
-        ([[1, 1], [3, 3], [5, 5]], "degenerate polygon: zero area"),
-        ([[1, 1], [1, 1], [1, 1], [1, 1]], "degenerate polygon: zero area"),
+        ([[1, 1], [3, 3], [5, 5]], "degenerate polygon: all 3 points lie on one line"),
+        ([[1, 1], [5, 5], [3, 3], [2, 2]], "degenerate polygon: all 4 points lie on one line"),
+        ([[1, 1], [1, 1], [1, 1], [1, 1]], "degenerate polygon: all 4 points lie on one line"),
         ([[1, 1], ["a", 2], [3, 3]], "points are not a list of"),
     ],
+    ids=["empty", "two points", "collinear", "collinear folded back", "one point repeated", "not numbers"],
 )
 def test_degenerate_or_malformed_polygon_is_rejected_naming_the_json(tmp_path, points, problem):
     write_xray(tmp_path, "train", "ID001", "a", [("Lunate", points)])
     with pytest.raises(IngestError, match=rf"ID001/a\.json: annotation 0 \(Lunate\): {problem}"):
+        only_case(tmp_path)
+
+
+def test_polygon_with_area_but_no_pixel_centre_inside_is_rejected_naming_the_annotation(tmp_path):
+    sliver = [[1.2, 1.2], [10.2, 1.4], [10.2, 1.6], [1.2, 1.6]]  # between rows 1 and 2 of centres
+    write_xray(tmp_path, "train", "ID001", "a", [("Ulna", RECTANGLE), ("Radius", sliver)])
+    with pytest.raises(IngestError, match=r"ID001/a\.json: annotation 1 \(Radius\): degenerate polygon: fills no pixel"):
+        only_case(tmp_path)
+
+
+def test_labelled_image_with_no_annotations_is_rejected_naming_the_json(tmp_path):
+    write_xray(tmp_path, "train", "ID001", "a", [])
+    with pytest.raises(IngestError, match=r"outputs_json/ID001/a\.json: no annotations"):
         only_case(tmp_path)
 
 
@@ -181,6 +203,62 @@ def test_train_image_without_its_json_is_a_structural_error(tmp_path):
     write_xray(tmp_path, "train", "ID001", "b")
     with pytest.raises(IngestError, match=r"DCM/ID001/b\.png: image without its annotation JSON"):
         hand_xray.list_cases(tmp_path)
+
+
+def good_layout(raw: Path) -> None:
+    write_xray(raw, "train", "ID001", "a", [("Radius", RECTANGLE)])
+    write_xray(raw, "test", "ID040", "b")
+
+
+def scanned(raw: Path) -> tuple[list[str], list[tuple[str, str]]]:
+    """The case ids a scan finds and its problems as (path relative to `raw`, reason)."""
+    scan = hand_xray.scan(raw)
+    return [c.case_id for c in scan.cases], [(p.path.relative_to(raw).as_posix(), p.reason) for p in scan.problems]
+
+
+SPLIT_FOLDERS = "expected only the folders train/, test/ here"
+SPLIT_CONTENTS = "expected only the folders DCM/, outputs_json/ here"
+
+
+@pytest.mark.parametrize(
+    "write_stray, problem",
+    [
+        (lambda r: write_xray(r, "val", "ID002", "c"), ("val", f"unknown folder: {SPLIT_FOLDERS}")),
+        (lambda r: write_xray(r, "Test", "ID041", "d"), ("Test", f"unknown folder: {SPLIT_FOLDERS}")),
+        (lambda r: (r / "notes.txt").write_text("x"), ("notes.txt", f"stray file: {SPLIT_FOLDERS}")),
+        (lambda r: (r / "train" / "notes.txt").write_text("x"), ("train/notes.txt", f"stray file: {SPLIT_CONTENTS}")),
+        (lambda r: (r / "test" / "masks").mkdir(), ("test/masks", f"unknown folder: {SPLIT_CONTENTS}")),
+    ],
+    ids=["val split", "wrong-case split", "file in the root", "file in a split", "folder in a split"],
+)
+def test_an_entry_outside_the_layout_is_a_problem_naming_it_and_the_good_cases_are_still_found(
+        tmp_path, write_stray, problem):
+    good_layout(tmp_path)
+    write_stray(tmp_path)
+    assert scanned(tmp_path) == (["a", "b"], [problem])
+
+
+@pytest.mark.parametrize("labels", [None, "outputs_JSON"], ids=["missing", "misnamed"])
+def test_train_split_without_its_outputs_json_folder_is_a_problem_naming_that_folder(tmp_path, labels):
+    good_layout(tmp_path)
+    if labels is None:
+        shutil.rmtree(tmp_path / "train" / "outputs_json")
+    else:
+        (tmp_path / "train" / "outputs_json").rename(tmp_path / "train" / labels)
+    unknown = [] if labels is None else [(f"train/{labels}", f"unknown folder: {SPLIT_CONTENTS}")]
+    assert scanned(tmp_path) == (["b"], unknown + [
+        ("train/outputs_json", "missing folder: the train annotation JSONs belong here"),
+        ("train/DCM/ID001/a.png", "image without its annotation JSON in outputs_json/"),
+    ])
+
+
+def test_split_without_its_dcm_folder_is_a_problem_naming_that_folder(tmp_path):
+    good_layout(tmp_path)
+    shutil.rmtree(tmp_path / "train" / "DCM")
+    assert scanned(tmp_path) == (["b"], [
+        ("train/DCM", "missing folder: the train images belong here"),
+        ("train/outputs_json/ID001", "annotation folder without its patient in DCM/"),
+    ])
 
 
 def test_stray_file_in_a_patient_folder_is_a_structural_error(tmp_path):

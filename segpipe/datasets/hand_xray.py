@@ -1,8 +1,10 @@
 """Hand-bone X-rays: `<split>/DCM/<patient>/<stem>.png` + `<split>/outputs_json/<patient>/<stem>.json`.
 
-`<split>` is `train` and/or `test`. A split with an `outputs_json/` folder is labelled, and then
-every image needs its JSON (and every JSON its image); a split without one (the usual `test`)
-is ingested unlabelled. The patient folder is the group. Images may be any size.
+`<split>` is `train` and/or `test`. `train` is labelled: it must have its `outputs_json/` folder,
+and every image needs its JSON (and every JSON its image). `test` is labelled too when it has an
+`outputs_json/` folder, else (as usual) ingested unlabelled. Anything else in the root or in a
+split (a `val/` split, a misnamed `Test/` or `outputs_JSON/`, a stray file) is a problem, not
+skipped. The patient folder is the group. Images may be any size.
 
 Pixel convention of the masks: the polygon's vertices are in pixel coordinates with pixel centres
 at integers (x = column, y = row), and a pixel is set exactly when its centre lies inside the
@@ -13,6 +15,11 @@ integer and binary fractions (0.5, 0.25, ...), while with others such as 0.1 a c
 its outline whose centres lie outside, 0.85% of a demo hand's bone pixels.) Tests pin the rule
 against hand-computed pixel sets and an independent per-pixel test. Each class is one channel and
 polygons of different classes may overlap.
+
+A polygon needs at least 3 points, not all on one line (such a polygon would set the centres
+along its line but has no inside), and must fill at least one pixel under that rule (a sliver
+between two rows of centres fills none): anything else is an error naming the annotation. A
+self-crossing polygon (a bowtie, whose signed area may be zero) is filled like any other.
 """
 from __future__ import annotations
 
@@ -23,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from segpipe.datasets import CaseData, RawCase, Scan, open_image, split_by_suffix, visible
+from segpipe.datasets import CaseData, RawCase, Scan, open_image, require_dir, split_by_suffix, visible
 from segpipe.errors import IngestError
 from segpipe.sparse_mask import SparseMask
 
@@ -31,21 +38,23 @@ CARPALS = ["Trapezium", "Trapezoid", "Capitate", "Hamate", "Scaphoid", "Lunate",
 CLASSES = [f"finger-{i}" for i in range(1, 20)] + CARPALS + ["Radius", "Ulna"]
 CHANNEL = {name: i for i, name in enumerate(CLASSES)}
 SPLITS = ("train", "test")
+IMAGES, LABELS = "DCM", "outputs_json"
 # A vertex may sit on the far edge of the last pixel; further out means the annotation does not
 # belong to an image of this size.
 EDGE_SLACK = 1.0
+# Points this close to one line (in pixels) are on it: float noise, not a shape.
+COLLINEAR_TOLERANCE = 1e-9
 
 
 def scan(raw: Path) -> Scan:
+    splits, problems = _layout(require_dir(raw), SPLITS)
     cases: list[RawCase] = []
-    problems: list[IngestError] = []
-    for split in SPLITS:
-        if (raw / split / "DCM").is_dir():
-            found, trouble = _scan_split(raw / split, split)
-            cases += found
-            problems += trouble
+    for split, root in splits.items():
+        found, trouble = _scan_split(root, split)
+        cases += found
+        problems += trouble
     if not cases and not problems:
-        problems.append(IngestError(raw, f"no images found under {{{','.join(SPLITS)}}}/DCM/<patient>/"))
+        problems.append(IngestError(raw, f"no images found under {{{','.join(SPLITS)}}}/{IMAGES}/<patient>/"))
     return Scan(sorted(cases, key=lambda c: c.case_id), problems)
 
 
@@ -69,8 +78,11 @@ def rasterise(annotations: list[dict[str, Any]], shape: tuple[int, ...], where: 
         label = ann.get("label")
         if label not in CHANNEL:
             raise IngestError(where, f"annotation {i}: unknown label {label!r}")
-        xy = _polygon(ann.get("points"), f"annotation {i} ({label})", (height, width), where)
-        mask.add(CHANNEL[label], *fill_polygon(xy, height, width))
+        what = f"annotation {i} ({label})"
+        rows, cols, inside = fill_polygon(_polygon(ann.get("points"), what, (height, width), where), height, width)
+        if not inside.any():
+            raise IngestError(where, f"{what}: degenerate polygon: fills no pixel (no pixel centre inside or on it)")
+        mask.add(CHANNEL[label], rows, cols, inside)
     return mask
 
 
@@ -114,26 +126,51 @@ def _paint(rows: np.ndarray, start: np.ndarray, end: np.ndarray, n_rows: int, le
 
 
 def _scan_split(root: Path, split: str) -> tuple[list[RawCase], list[IngestError]]:
-    labels = root / "outputs_json"
-    labelled = labels.is_dir()
+    folders, problems = _layout(root, (IMAGES, LABELS))
+    labelled = LABELS in folders or split == "train"
+    if labelled and LABELS not in folders:
+        problems.append(IngestError(root / LABELS, f"missing folder: the {split} annotation JSONs belong here"))
+    if IMAGES not in folders:
+        problems.append(IngestError(root / IMAGES, f"missing folder: the {split} images belong here"))
     cases: list[RawCase] = []
+    for patient in visible(folders[IMAGES]) if IMAGES in folders else []:
+        found, trouble = _scan_patient(patient, root / LABELS, labelled, split)
+        cases += found
+        problems += trouble
+    if LABELS in folders:
+        problems += _orphan_patients(folders[LABELS], root / IMAGES)
+    return cases, problems
+
+
+def _layout(folder: Path, expected: tuple[str, ...]) -> tuple[dict[str, Path], list[IngestError]]:
+    """The expected sub-folders of `folder` by name, and a problem for each other entry. Names are
+    compared as listed, since on a case-insensitive disk `folder / "test"` would also open `Test/`."""
+    found: dict[str, Path] = {}
     problems: list[IngestError] = []
-    for patient in visible(root / "DCM"):
-        if not patient.is_dir():
-            problems.append(IngestError(patient, "stray entry: expected only patient folders in DCM/"))
-            continue
-        images, stray = split_by_suffix(patient, {".png"})
-        jsons, stray_json = _label_files(labels / patient.name, labelled)
-        problems += stray + stray_json
-        for stem in sorted(jsons.keys() - images.keys()):
-            problems.append(IngestError(jsons[stem], "annotation without its image in DCM/"))
-        for stem, image in sorted(images.items()):
-            if labelled and stem not in jsons:
-                problems.append(IngestError(image, f"image without its annotation JSON in {labels.name}/"))
-                continue
+    for entry in visible(folder):
+        if entry.is_dir() and entry.name in expected:
+            found[entry.name] = entry
+        else:
+            kind = "unknown folder" if entry.is_dir() else "stray file"
+            names = ", ".join(f"{name}/" for name in expected)
+            problems.append(IngestError(entry, f"{kind}: expected only the folders {names} here"))
+    return found, problems
+
+
+def _scan_patient(patient: Path, labels: Path, labelled: bool, split: str) -> tuple[list[RawCase], list[IngestError]]:
+    if not patient.is_dir():
+        return [], [IngestError(patient, f"stray entry: expected only patient folders in {IMAGES}/")]
+    images, problems = split_by_suffix(patient, {".png"})
+    jsons, stray_json = _label_files(labels / patient.name, labelled)
+    problems += stray_json
+    for stem in sorted(jsons.keys() - images.keys()):
+        problems.append(IngestError(jsons[stem], f"annotation without its image in {IMAGES}/"))
+    cases: list[RawCase] = []
+    for stem, image in sorted(images.items()):
+        if labelled and stem not in jsons:
+            problems.append(IngestError(image, f"image without its annotation JSON in {LABELS}/"))
+        else:
             cases.append(RawCase(stem, patient.name, image, label=jsons.get(stem), meta={"split": split}))
-    if labelled:
-        problems += _orphan_patients(labels, root / "DCM")
     return cases, problems
 
 
@@ -145,7 +182,7 @@ def _label_files(folder: Path, labelled: bool) -> tuple[dict[str, Path], list[In
 
 def _orphan_patients(labels: Path, images: Path) -> list[IngestError]:
     return [
-        IngestError(p, "annotation folder without its patient in DCM/")
+        IngestError(p, f"annotation folder without its patient in {IMAGES}/")
         for p in visible(labels)
         if not (images / p.name).is_dir()
     ]
@@ -172,10 +209,14 @@ def _annotations(path: Path) -> list[dict[str, Any]]:
     annotations = doc.get("annotations") if isinstance(doc, dict) else None
     if not isinstance(annotations, list) or not all(isinstance(a, dict) for a in annotations):
         raise IngestError(path, "no 'annotations' list of objects")
+    if not annotations:  # a labelled image with no bone drawn would train as all background
+        raise IngestError(path, "no annotations: the 'annotations' list is empty")
     return annotations
 
 
 def _polygon(points: Any, what: str, size: tuple[int, int], where: Path) -> np.ndarray:
+    if isinstance(points, list) and not points:
+        raise IngestError(where, f"{what}: empty polygon (no points)")
     try:
         xy = np.asarray(points, dtype=np.float64)
     except (TypeError, ValueError):
@@ -184,11 +225,23 @@ def _polygon(points: Any, what: str, size: tuple[int, int], where: Path) -> np.n
         raise IngestError(where, f"{what}: points are not a list of [x, y] numbers")
     if len(xy) < 3:
         raise IngestError(where, f"{what}: degenerate polygon: {len(xy)} point(s), need at least 3")
-    x, y = xy[:, 0], xy[:, 1]
-    if abs(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))) < 1e-9:  # shoelace: 2 x area
-        raise IngestError(where, f"{what}: degenerate polygon: zero area")
+    if _collinear(xy):
+        raise IngestError(where, f"{what}: degenerate polygon: all {len(xy)} points lie on one line")
     height, width = size
     limit = np.array([width, height]) - 1 + EDGE_SLACK
     if (xy.min(axis=0) < -EDGE_SLACK).any() or (xy.max(axis=0) > limit).any():
         raise IngestError(where, f"{what}: polygon outside the {width}x{height} image (image/mask size mismatch)")
     return xy
+
+
+def _collinear(xy: np.ndarray) -> bool:
+    """Whether every vertex is within COLLINEAR_TOLERANCE px of the line through the first vertex
+    and the one farthest from it (or all vertices coincide)."""
+    offsets = xy - xy[0]
+    lengths = np.hypot(offsets[:, 0], offsets[:, 1])
+    far = np.argmax(lengths)
+    if lengths[far] == 0:
+        return True
+    (dx, dy), length = offsets[far], lengths[far]
+    distances = np.abs(dx * offsets[:, 1] - dy * offsets[:, 0]) / length
+    return bool(distances.max() < COLLINEAR_TOLERANCE)
