@@ -16,6 +16,7 @@ from typing import Any
 def atomic_dir(target: Path) -> Iterator[Path]:
     """Yield an empty temporary directory that replaces `target` when the block succeeds."""
     target = Path(target)
+    restore_interrupted(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
@@ -32,6 +33,7 @@ def resumable_dir(target: Path, resume: bool) -> Iterator[Path]:
     (ignored by git as *.tmp), and outlives a failure or a kill, so a rerun with resume=True carries
     on with what it holds; resume=False starts it empty."""
     target = Path(target)
+    restore_interrupted(target)
     work = target.with_name(f".{target.name}.partial.tmp")
     if not resume:
         shutil.rmtree(work, ignore_errors=True)
@@ -40,13 +42,35 @@ def resumable_dir(target: Path, resume: bool) -> Iterator[Path]:
     _replace_dir(work, target)
 
 
+def restore_interrupted(target: Path) -> None:
+    """Put the previous `target` back where a replacement was killed between its two renames
+    (_replace_dir), which leaves it aside and no `target`: a reader of `target`, or the next
+    replacement, then finds the previous version, not nothing."""
+    old = _aside(Path(target))
+    if old.exists() and not os.path.lexists(target):
+        os.replace(old, target)
+
+
+def _aside(target: Path) -> Path:
+    return target.with_name(f".{target.name}.old")
+
+
 def _replace_dir(src: Path, target: Path) -> None:
-    old = target.with_name(f".{target.name}.old")
+    old = _aside(target)
     if target.exists():
-        shutil.rmtree(old, ignore_errors=True)
+        _discard(old)
         os.replace(target, old)
     os.replace(src, target)
-    shutil.rmtree(old, ignore_errors=True)
+    _discard(old)
+
+
+def _discard(path: Path) -> None:
+    """Delete a directory, renamed out of the way first: a kill while deleting then leaves a
+    temporary behind, never a half-deleted `path` that restore_interrupted would put back."""
+    if path.exists():
+        trash = Path(tempfile.mkdtemp(prefix=f"{path.name}.", suffix=".tmp", dir=path.parent))
+        os.replace(path, trash / path.name)
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -1,9 +1,11 @@
 """The `ingest` stage: one raw dataset layout -> one Zarr store (see segpipe.store for its layout).
 
-Incremental: every case records the sha256 of its files. A rerun hashes the cases the store
-already holds, re-decodes only new and changed ones and drops cases whose files are gone; when
-nothing changed the store is not touched at all. Everything is ingested afresh when the layout
-params (chunk sizes) or the code that decodes and writes a case differ from what built the store.
+Incremental: every case records the sha256 of its files, and of what the reader's scan found
+about it elsewhere (RawCase.meta: a Kvasir case's entry in the shared bounding-box JSON). A
+rerun hashes the cases the store already holds, re-decodes only new and changed ones and drops
+cases whose files are gone; when nothing changed the store is not touched at all. Everything is
+ingested afresh when the layout params (chunk sizes) or the code that decodes and writes a case
+differ from what built the store.
 
 Atomic: the new store is built in a temporary sibling (unchanged cases hard-linked from the
 previous store, so their bytes are neither copied nor rewritten) and renamed into place only
@@ -24,8 +26,10 @@ Error policy (`IngestConfig.on_error`):
 """
 from __future__ import annotations
 
+import hashlib
 import inspect
 import itertools
+import json
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import closing
@@ -40,7 +44,7 @@ import segpipe.datasets
 import segpipe.sparse_mask
 import segpipe.store
 import segpipe.zarr_files
-from segpipe.atomic import atomic_dir
+from segpipe.atomic import atomic_dir, restore_interrupted
 from segpipe.config import IngestConfig
 from segpipe.datasets import CaseData, RawCase, reader, sha256
 from segpipe.errors import IngestError, SegpipeError
@@ -109,6 +113,7 @@ def ingest(dataset: str, raw: Path, out: Path, cfg: IngestConfig, client: Client
         _reject(problem, cfg, report, raw)
     limit = in_flight_limit(cfg, client)
     code = _code_fingerprint(module)
+    restore_interrupted(out)  # the previous store, had the last run been killed while swapping it in
     previous, report.rebuilt = _previous(out, dataset, cfg, code)
 
     unchanged, failed, todo = _compare(client, cases, previous, limit)
@@ -268,23 +273,28 @@ def _previous(out: Path, dataset: str, cfg: IngestConfig, code: str) -> tuple[_P
 
 
 def _recorded_hashes(attrs: dict[str, Any]) -> list[str]:
-    """A stored case's file hashes, in the order of RawCase.files()."""
+    """A stored case's hashes, in the order of _hashes."""
     extras = attrs.get("extra_sha256", {})
     labels = [attrs["label_sha256"]] if "label_sha256" in attrs else []
-    return [attrs["sha256"], *labels, *(extras[name] for name in sorted(extras))]
+    meta = [attrs["meta_sha256"]] if "meta_sha256" in attrs else []
+    return [attrs["sha256"], *labels, *(extras[name] for name in sorted(extras)), *meta]
 
 
 def _root_attrs(attrs: dict[str, Any], report: IngestReport) -> dict[str, Any]:
     return {**attrs, "found": report.found, "skipped": report.skipped}
 
 
+def code_sources(module: ModuleType) -> list[Path]:
+    """The sources that decide a case's stored bytes and attrs, for the reader `module`: the ingest
+    stage in dvc.yaml depends on each, so that changing one reruns it."""
+    modules = (module, segpipe.datasets, segpipe.store, segpipe.zarr_files, segpipe.sparse_mask)
+    return [Path(inspect.getsourcefile(m)) for m in modules] + [Path(__file__)]
+
+
 def _code_fingerprint(module: ModuleType) -> str:
-    """sha256 of the sources that decide a case's stored bytes and attrs: a change to any of them
-    (a reader fix, a new attr) must reach every case, not only the new ones."""
-    sources = [inspect.getsourcefile(m)
-               for m in (module, segpipe.datasets, segpipe.store, segpipe.zarr_files, segpipe.sparse_mask)]
-    sources.append(__file__)
-    return ":".join(sha256(Path(source))[:16] for source in sources)
+    """sha256 of code_sources: a change to any of them (a reader fix, a new attr) must reach every
+    case, not only the new ones."""
+    return ":".join(sha256(source)[:16] for source in code_sources(module))
 
 
 def _unique(cases: list[RawCase]) -> tuple[list[RawCase], list[IngestError]]:
@@ -344,13 +354,20 @@ def _ingest_case(case: RawCase, dataset: str, store: Path, raw: Path, cfg: Inges
 
 
 def _hashes(case: RawCase) -> list[str]:
+    """sha256 of each of the case's files (in the order of RawCase.files()), then of its meta if any."""
     hashes = []
     for path in case.files():
         try:
             hashes.append(sha256(path))
         except OSError as exc:
             raise IngestError(path, f"unreadable: {exc.strerror or exc}") from exc
+    if case.meta:
+        hashes.append(_meta_sha256(case.meta))
     return hashes
+
+
+def _meta_sha256(meta: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
 
 
 def _write(store: CaseStore, case: RawCase, data: CaseData, hashes: list[str], raw: Path,
@@ -371,6 +388,8 @@ def _write(store: CaseStore, case: RawCase, data: CaseData, hashes: list[str], r
     if case.extras:
         attrs.update(extra_sources={name: _relative(path, raw) for name, path in case.extras.items()},
                      extra_sha256={name: sha_of[path] for name, path in case.extras.items()})
+    if case.meta:
+        attrs.update(meta_sha256=hashes[-1])
     masks = {} if data.mask is None else {"mask": data.mask}
     store.write_case(case.case_id, attrs, {"image": data.image, **masks, **data.arrays}, cfg.chunk,
                      cfg.video_chunk_frames)

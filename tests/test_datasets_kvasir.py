@@ -106,6 +106,31 @@ def test_image_size_is_checked_against_the_bbox_json(tmp_path):
         kvasir.load_case(kvasir.list_cases(tmp_path)[0])
 
 
+def test_with_a_bbox_json_every_image_needs_an_entry_and_every_entry_an_image(tmp_path):
+    for stem in ("a", "b", "c"):
+        write_pair(tmp_path, stem)
+    entry = {"height": 40, "width": 48, "bbox": []}
+    (tmp_path / kvasir.BBOXES).write_text(json.dumps({"a": entry, "c": entry, "ghost": entry}))
+    scan = kvasir.scan(tmp_path)
+    assert [case.case_id for case in scan.cases] == ["a", "c"]
+    assert sorted(str(p) for p in scan.problems) == [
+        f"{tmp_path / 'images/b.jpg'}: no entry in kavsir_bboxes.json",
+        f"{tmp_path / kvasir.BBOXES}: entry 'ghost' has no image in images/",
+    ]
+
+
+@pytest.mark.parametrize("box", [{"xmin": 1, "ymin": 2, "xmax": 49, "ymax": 4},  # past the right edge
+                                 {"xmin": -1, "ymin": 2, "xmax": 3, "ymax": 4},
+                                 {"xmin": 3, "ymin": 4, "xmax": 3, "ymax": 2}])  # inverted
+def test_a_box_outside_its_image_or_inverted_is_rejected_naming_the_image(tmp_path, box):
+    write_pair(tmp_path, "a")
+    inside = {"label": "polyp", "xmin": 0, "ymin": 0, "xmax": 48, "ymax": 40}  # the whole image, pixel edges
+    entry = {"height": 40, "width": 48, "bbox": [inside, {"label": "polyp", **box}]}
+    (tmp_path / kvasir.BBOXES).write_text(json.dumps({"a": entry}))
+    with pytest.raises(IngestError, match=r"images/a\.jpg: box .* is inverted or outside the 48x40 \(WxH\) image"):
+        kvasir.load_case(kvasir.list_cases(tmp_path)[0])
+
+
 def test_unknown_reader_name_is_a_config_error():
     assert reader("kvasir") is kvasir
     with pytest.raises(ConfigError, match="'nope'"):

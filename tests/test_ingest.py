@@ -57,6 +57,13 @@ def kvasir_pair(raw: Path, stem: str, size=(40, 32), mask_size=None, value=90) -
     Image.fromarray(mask).save(raw / "masks" / f"{stem}.jpg")
 
 
+def write_boxes(raw: Path, height: dict[str, int]) -> None:
+    """A bounding-box JSON for Kvasir pairs of 40 x 32 px (kvasir_pair's), each with the height given."""
+    box = {"label": "polyp", "xmin": 4, "ymin": 4, "xmax": 12, "ymax": 12}
+    entries = {stem: {"height": h, "width": 40, "bbox": [box]} for stem, h in height.items()}
+    (raw / "kavsir_bboxes.json").write_text(json.dumps(entries))
+
+
 def xray(raw: Path, split: str, patient: str, stem: str, annotations=None) -> None:
     png = raw / split / "DCM" / patient / f"{stem}.png"
     png.parent.mkdir(parents=True, exist_ok=True)
@@ -83,6 +90,12 @@ def good_hand(raw: Path) -> list[str]:
     return ["g1", "g2"]
 
 
+def good_usc(raw: Path) -> list[str]:
+    for clip in ("s1", "s2"):
+        write_mp4(raw / "sub001" / "2drt" / "video" / f"{clip}.mp4", vocal_tract(6))
+    return ["sub001_s1", "sub001_s2"]
+
+
 def bad_missing_mask(raw):
     kvasir_pair(raw, "bad")
     (raw / "masks" / "bad.jpg").unlink()
@@ -93,11 +106,22 @@ def bad_truncated_png(raw):
     truncate(raw / "test/DCM/ID002/bad.png")
 
 
+def bad_garbled_mp4(raw):
+    video = raw / "sub001" / "2drt" / "video" / "bad.mp4"
+    write_mp4(video, vocal_tract(6))
+    video.write_bytes(b"\0" * 64 + video.read_bytes()[64:])  # its header zeroed
+
+
 def bad_truncated_jpeg(raw):
     kvasir_pair(raw, "bad")
     noise = np.random.default_rng(0).integers(0, 255, (32, 40, 3), dtype=np.uint8)
     Image.fromarray(noise).save(raw / "images/bad.jpg")  # noise: a file with data past its header
     truncate(raw / "images/bad.jpg")
+
+
+def bad_bbox_size(raw):
+    kvasir_pair(raw, "bad")
+    write_boxes(raw, {"a": 32, "b": 32, "c": 32, "bad": 33})
 
 
 # kind -> (dataset, writes the bad input, the file named, the problem named)
@@ -108,6 +132,9 @@ BAD = {
     "truncated jpeg": ("kvasir", bad_truncated_jpeg, "images/bad.jpg", "corrupt or truncated image"),
     "stray file": ("kvasir", lambda r: (r / "images" / "bad.txt").write_text("x"),
                    "images/bad.txt", "stray entry"),
+    "size unlike the bbox json": ("kvasir", bad_bbox_size, "images/bad.jpg",
+                                  "!= 40x33 (WxH) recorded in kavsir_bboxes.json"),
+    "corrupt video": ("usc_timit", bad_garbled_mp4, "sub001/2drt/video/bad.mp4", "corrupt or undecodable video"),
     "truncated png": ("hand_xray", bad_truncated_png, "test/DCM/ID002/bad.png", "corrupt or truncated image"),
     "unknown label": ("hand_xray", lambda r: xray(r, "train", "ID002", "bad", [("Femur", SQUARE)]),
                       "train/outputs_json/ID002/bad.json", "unknown label 'Femur'"),
@@ -119,7 +146,7 @@ BAD = {
 def bad_layout(tmp_path: Path, kind: str) -> tuple[str, Path, list[str], str, str]:
     dataset, write_bad, bad_file, problem = BAD[kind]
     raw = tmp_path / "raw"
-    good = (good_kvasir if dataset == "kvasir" else good_hand)(raw)
+    good = {"kvasir": good_kvasir, "usc_timit": good_usc, "hand_xray": good_hand}[dataset](raw)
     write_bad(raw)
     return dataset, raw, good, bad_file, problem
 
@@ -377,6 +404,21 @@ def test_a_videos_reconstruction_is_stored_tracked_and_followed_when_it_changes_
     assert "extra_sha256" not in CaseStore(out).case_attrs("sub001_s1_video")
 
 
+def test_an_edited_bbox_entry_reingests_its_case_alone_and_a_fixed_one_retries_a_skipped_case(kvasir_store, client):
+    raw, out = kvasir_store
+    write_boxes(raw, {"a": 32, "b": 32, "c": 32})
+    assert ingest("kvasir", raw, out, FAIL, client).changed == ["a", "b", "c"]  # entries are new to every case
+    write_boxes(raw, {"a": 32, "b": 99, "c": 32})
+    report = ingest("kvasir", raw, out, SKIP, client)
+    assert (report.unchanged, [s["source"] for s in report.skipped]) == (2, ["images/b.jpg"])
+    assert "!= 40x99 (WxH) recorded in kavsir_bboxes.json" in report.skipped[0]["reason"]
+    assert ingest("kvasir", raw, out, SKIP, client).unchanged == 2  # still bad, not decoded again
+    write_boxes(raw, {"a": 32, "b": 32, "c": 32})
+    report = ingest("kvasir", raw, out, SKIP, client)
+    assert (report.ingested, report.unchanged, report.skipped) == (1, 2, [])
+    assert CaseStore(out).case_attrs("b")["bboxes"] == [{"label": "polyp", "xmin": 4, "ymin": 4, "xmax": 12, "ymax": 12}]
+
+
 def test_changed_chunk_params_reingest_every_case(kvasir_store, client):
     raw, out = kvasir_store
     report = ingest("kvasir", raw, out, IngestConfig(chunk=16), client)
@@ -433,6 +475,23 @@ def test_a_killed_ingest_leaves_the_previous_store_readable_and_complete(kvasir_
     store = CaseStore(out)
     assert store.case_ids() == ["a", "b", "c"] and store.attrs["found"] == 3
     np.testing.assert_array_equal(store.array("a", "image")[:], image_a)
+
+
+def test_a_kill_between_the_renames_that_swap_a_store_in_leaves_the_previous_one_to_the_next_run(kvasir_store, client):
+    raw, out = kvasir_store
+    before = files_of(out)
+    os.replace(out, out.with_name(".k.zarr.old"))  # where atomic_dir's swap puts it before renaming the new one in
+    report = ingest("kvasir", raw, out, FAIL, client)
+    assert (report.ingested, report.unchanged, report.rebuilt) == (0, 3, None)  # updated, not rebuilt
+    assert files_of(out) == before and sorted(p.name for p in out.parent.iterdir()) == ["k.zarr", "raw"]
+
+
+@pytest.mark.parametrize("dataset", ["kvasir", "usc_timit", "hand_xray"])
+def test_the_ingest_stage_depends_on_every_source_that_decides_the_stored_cases(dataset):
+    deps = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["ingest"]["do"]["deps"]
+    deps = {dep.replace("${key}", dataset) for dep in deps}
+    sources = {path.relative_to(ROOT).as_posix() for path in segpipe.ingest.code_sources(reader(dataset))}
+    assert sources and sources <= deps
 
 
 def test_dvc_repro_updates_the_persisted_store_in_place_of_rebuilding_it(tmp_path):

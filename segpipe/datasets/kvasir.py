@@ -4,6 +4,10 @@ The masks are 3-channel JPEGs with compression noise around 0 and 255. They are 
 grayscale (PIL's ITU-R 601-2 luma) and thresholded at > 127: the three channels carry the same
 content, and a weighted mean of them averages out the per-channel chroma noise instead of
 trusting one channel. Images keep their original size.
+When `kavsir_bboxes.json` is present it must describe every image and nothing else: an image
+without an entry, an entry without an image, a size that differs from the image's and a box
+outside the image are errors. Its entry is part of a case (RawCase.meta), so editing it
+re-ingests that case.
 Kvasir has no patient information, so each case is its own group.
 """
 from __future__ import annotations
@@ -30,13 +34,18 @@ def scan(raw: Path) -> Scan:
     orphans = sorted(masks.keys() - images.keys())
     problems += [IngestError(masks[stem], "mask without its image in images/") for stem in orphans]
     boxes = _read_boxes(raw / BBOXES)
+    if boxes is not None:
+        problems += [IngestError(raw / BBOXES, f"entry {stem!r} has no image in images/")
+                     for stem in sorted(boxes.keys() - images.keys() - masks.keys())]
     cases = []
     for stem, image in sorted(images.items()):
         if stem not in masks:
             problems.append(IngestError(image, "image without its mask in masks/"))
-            continue
-        meta = {"box_entry": boxes[stem]} if stem in boxes else {}
-        cases.append(RawCase(case_id=stem, group=stem, source=image, label=masks[stem], meta=meta))
+        elif boxes is not None and stem not in boxes:
+            problems.append(IngestError(image, f"no entry in {BBOXES}"))
+        else:
+            meta = {} if boxes is None else {"box_entry": boxes[stem]}
+            cases.append(RawCase(case_id=stem, group=stem, source=image, label=masks[stem], meta=meta))
     if not images and not masks:
         problems.append(IngestError(raw / "images", "no images found"))
     return Scan(cases, problems)
@@ -58,9 +67,10 @@ def load_case(case: RawCase) -> CaseData:
     return CaseData(image=image, mask=mask[None].astype(np.uint8), attrs=attrs)
 
 
-def _read_boxes(path: Path) -> dict[str, Any]:
+def _read_boxes(path: Path) -> dict[str, Any] | None:
+    """The bounding-box JSON keyed by case id, or None when the layout has none."""
     if not path.exists():
-        return {}
+        return None
     try:
         boxes = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
@@ -80,6 +90,19 @@ def _check_entry(source: Path, shape: tuple[int, ...], entry: Any) -> None:
         raise IngestError(source, f"image size {_hw(shape)} != {_hw(size)} recorded in {BBOXES}")
     if not isinstance(bbox, list):
         raise IngestError(source, f"{BBOXES} entry: bbox is not a list")
+    for box in bbox:
+        _check_box(source, size, box)
+
+
+def _check_box(source: Path, size: tuple[int, int], box: Any) -> None:
+    """A box must lie inside the image, min <= max (0 <= min and max <= width or height: the real
+    file has boxes reaching the image's width, as pixel edges; the demo's are pixel indices)."""
+    try:
+        x0, y0, x1, y1 = (float(box[key]) for key in ("xmin", "ymin", "xmax", "ymax"))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise IngestError(source, f"malformed box in {BBOXES}: {box!r}") from exc
+    if not (0 <= x0 <= x1 <= size[1] and 0 <= y0 <= y1 <= size[0]):
+        raise IngestError(source, f"box {box!r} in {BBOXES} is inverted or outside the {_hw(size)} image")
 
 
 def _hw(shape: tuple[int, ...]) -> str:
