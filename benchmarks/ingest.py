@@ -11,6 +11,8 @@ with 29-channel masks written by segpipe/datasets/demo_hand.py into a temporary 
     ingest   segpipe.ingest.ingest into a fresh store: hash, decode, and write every case
     rerun    ingest again over the unchanged files (hashing only; the store is left untouched)
 Rates are images/s and MB/s of raw files read; ratio = ingest rate / decode rate (goal >= 0.8).
+`*_worker_cpu_ms_per_image` is the CPU time the workers spent, user and system (kernel), per
+image, averaged over the runs: ingest's minus decode's is what hashing and writing cost.
 Each figure is the best of --repeats runs, the decode and ingest runs alternating, so that load
 from other processes on a shared machine distorts the ratio less; `run_ratios` lists each pair's
 ratio, to show the spread. Run it on a quiet machine and not within minutes of deleting many
@@ -28,8 +30,11 @@ import json
 import resource
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 from distributed import Client
 
 from segpipe.config import HandXrayDemo, IngestConfig, load_params
@@ -46,6 +51,26 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def cpu_seconds() -> tuple[float, float]:
+    """This process's user and system CPU time so far, in seconds."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime, usage.ru_stime
+
+
+def workers_cpu_seconds(client: Client) -> tuple[float, float]:
+    """User and system CPU time of all the cluster's workers so far, in seconds."""
+    per_worker = client.run(cpu_seconds).values()
+    return sum(user for user, _ in per_worker), sum(system for _, system in per_worker)
+
+
+def timed(client: Client, work: Callable[[], Any]) -> tuple[Any, float, np.ndarray]:
+    """work()'s result, its wall time in seconds, and the workers' (user, system) CPU seconds meanwhile."""
+    before, start = workers_cpu_seconds(client), time.perf_counter()
+    result = work()
+    seconds = time.perf_counter() - start
+    return result, seconds, np.subtract(workers_cpu_seconds(client), before)
+
+
 def decode_only(cases: list[RawCase], dataset: str) -> None:
     """The baseline's work for one task: what ingest does minus hashing and writing."""
     for case in cases:
@@ -59,17 +84,16 @@ def measure(client: Client, dataset: str, raw: Path, cfg: IngestConfig, repeats:
     tasks = task_batches(cases, limit)
     best = {"decode": float("inf"), "ingest": float("inf"), "rerun": float("inf")}
     run_ratios = []
+    cpu = {"decode": np.zeros(2), "ingest": np.zeros(2)}  # workers' user and system seconds, all runs
     for _ in map_bounded(client, decode_only, tasks, limit, dataset=dataset):  # warm-up: files cached, imports done
         pass
     for run in range(repeats):
-        start = time.perf_counter()
-        for _ in map_bounded(client, decode_only, tasks, limit, dataset=dataset):
-            pass
-        decode_s = time.perf_counter() - start
+        _, decode_s, decode_cpu = timed(client, lambda: list(map_bounded(client, decode_only, tasks, limit,
+                                                                          dataset=dataset)))
         out = work / f"{dataset}-{run}.zarr"
-        start = time.perf_counter()
-        report = ingest(dataset, raw, out, cfg, client)
-        ingest_s = time.perf_counter() - start
+        report, ingest_s, ingest_cpu = timed(client, lambda: ingest(dataset, raw, out, cfg, client))
+        cpu["decode"] += decode_cpu
+        cpu["ingest"] += ingest_cpu
         best["decode"], best["ingest"] = min(best["decode"], decode_s), min(best["ingest"], ingest_s)
         run_ratios.append(round(decode_s / ingest_s, 3))
         assert report.ingested == len(cases), report.summary()
@@ -82,6 +106,10 @@ def measure(client: Client, dataset: str, raw: Path, cfg: IngestConfig, repeats:
         result[f"{name}_s"] = round(seconds, 3)
         result[f"{name}_images_per_s"] = round(len(cases) / seconds, 2)
         result[f"{name}_MB_per_s"] = round(megabytes / seconds, 2)
+    for name, (user, system) in cpu.items():
+        per_image = 1000 / (repeats * len(cases))
+        result[f"{name}_worker_cpu_ms_per_image"] = {"user": round(user * per_image, 2),
+                                                     "sys": round(system * per_image, 2)}
     result["ratio"] = round(best["decode"] / best["ingest"], 3)
     result["run_ratios"] = run_ratios
     return result
