@@ -136,8 +136,8 @@ def test_train_images_are_labelled_and_test_images_are_not(tmp_path):
     cases = hand_xray.list_cases(tmp_path)
     assert [(c.case_id, c.group) for c in cases] == [("a_L", "ID001"), ("b_R", "ID040")]
     train, test = (hand_xray.load_case(c) for c in cases)
-    assert train.attrs == {"kind": "image", "split": "train", "labelled": True}
-    assert test.attrs == {"kind": "image", "split": "test", "labelled": False}
+    assert train.attrs == {"kind": "image", "split": "train", "labelled": True, "png_mode": "L"}
+    assert test.attrs == {"kind": "image", "split": "test", "labelled": False, "png_mode": "L"}
     assert test.mask is None and test.image.shape == (80, 48) and test.image.dtype == np.uint8
 
 
@@ -145,6 +145,14 @@ def test_16_bit_png_stays_16_bit(tmp_path):
     write_xray(tmp_path, "test", "ID001", "a", mode="I;16")
     image = only_case(tmp_path).image
     assert image.dtype == np.uint16 and (image == 1000).all()
+
+
+def test_colour_png_is_stored_as_its_luma_and_says_so(tmp_path):
+    png = tmp_path / "test" / "DCM" / "ID001" / "a.png"
+    png.parent.mkdir(parents=True)
+    Image.fromarray(np.full((8, 8, 3), [200, 100, 50], np.uint8)).save(png)
+    data = only_case(tmp_path)
+    assert data.attrs["png_mode"] == "RGB" and (data.image == 124).all()  # PIL's luma: (200*299 + 100*587 + 50*114) / 1000
 
 
 @needs_shared_data

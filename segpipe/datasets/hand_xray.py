@@ -63,9 +63,10 @@ def list_cases(raw: Path) -> list[RawCase]:
 
 
 def load_case(case: RawCase) -> CaseData:
-    image = _gray(case.source)
+    image, mode = _gray(case.source)
     mask = None if case.label is None else rasterise(_annotations(case.label), image.shape, case.label)
-    attrs = {"kind": "image", "split": case.meta["split"], "labelled": case.label is not None}
+    # png_mode says what the file held: "RGB" or "P" means the stored grey is its luma (see _gray)
+    attrs = {"kind": "image", "split": case.meta["split"], "labelled": case.label is not None, "png_mode": mode}
     return CaseData(image=image, mask=mask, attrs=attrs)
 
 
@@ -188,17 +189,18 @@ def _orphan_patients(labels: Path, images: Path) -> list[IngestError]:
     ]
 
 
-def _gray(path: Path) -> np.ndarray:
-    """(H, W) uint8, or uint16 for 16-bit PNGs; colour or palette PNGs are reduced to luma."""
+def _gray(path: Path) -> tuple[np.ndarray, str]:
+    """(H, W) uint8, or uint16 for 16-bit PNGs, and the PNG's PIL mode; colour or palette PNGs are
+    reduced to luma."""
     img = open_image(path)
     if img.mode.startswith("I;16"):
-        return np.asarray(img).astype(np.uint16)
+        return np.asarray(img).astype(np.uint16), img.mode
     if img.mode == "I":  # 16-bit PNGs can open as 32-bit ints
         data = np.asarray(img)
         if data.min() < 0 or data.max() > 65535:
             raise IngestError(path, f"pixel values {data.min()}..{data.max()} do not fit 16 bits")
-        return data.astype(np.uint16)
-    return np.asarray(img if img.mode == "L" else img.convert("L"))
+        return data.astype(np.uint16), img.mode
+    return np.asarray(img if img.mode == "L" else img.convert("L")), img.mode
 
 
 def _annotations(path: Path) -> list[dict[str, Any]]:
