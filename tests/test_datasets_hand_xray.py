@@ -177,9 +177,11 @@ def test_unknown_label_is_rejected_naming_the_json_and_the_label(tmp_path):
         ([[1, 1], [3, 3], [5, 5]], "degenerate polygon: all 3 points lie on one line"),
         ([[1, 1], [5, 5], [3, 3], [2, 2]], "degenerate polygon: all 4 points lie on one line"),
         ([[1, 1], [1, 1], [1, 1], [1, 1]], "degenerate polygon: all 4 points lie on one line"),
+        ([[1, 1], [5, 5], [3, 3.6]], r"degenerate polygon: all 3 points lie on one line \(within 0.5 px\)"),
         ([[1, 1], ["a", 2], [3, 3]], "points are not a list of"),
     ],
-    ids=["empty", "two points", "collinear", "collinear folded back", "one point repeated", "not numbers"],
+    ids=["empty", "two points", "collinear", "collinear folded back", "one point repeated", "within half a pixel",
+         "not numbers"],
 )
 def test_degenerate_or_malformed_polygon_is_rejected_naming_the_json(tmp_path, points, problem):
     write_xray(tmp_path, "train", "ID001", "a", [("Lunate", points)])
@@ -188,7 +190,7 @@ def test_degenerate_or_malformed_polygon_is_rejected_naming_the_json(tmp_path, p
 
 
 def test_polygon_with_area_but_no_pixel_centre_inside_is_rejected_naming_the_annotation(tmp_path):
-    sliver = [[1.2, 1.2], [10.2, 1.4], [10.2, 1.6], [1.2, 1.6]]  # between rows 1 and 2 of centres
+    sliver = [[1.2, 1.05], [10.2, 1.05], [10.2, 1.95], [1.2, 1.95]]  # 0.9 px tall, between rows 1 and 2 of centres
     write_xray(tmp_path, "train", "ID001", "a", [("Ulna", RECTANGLE), ("Radius", sliver)])
     with pytest.raises(IngestError, match=r"ID001/a\.json: annotation 1 \(Radius\): degenerate polygon: fills no pixel"):
         only_case(tmp_path)
@@ -233,17 +235,24 @@ SPLIT_CONTENTS = "expected only the folders DCM/, outputs_json/ here"
     [
         (lambda r: write_xray(r, "val", "ID002", "c"), ("val", f"unknown folder: {SPLIT_FOLDERS}")),
         (lambda r: write_xray(r, "Test", "ID041", "d"), ("Test", f"unknown folder: {SPLIT_FOLDERS}")),
-        (lambda r: (r / "notes.txt").write_text("x"), ("notes.txt", f"stray file: {SPLIT_FOLDERS}")),
+        (lambda r: (r / "loose.png").write_bytes(b"x"), ("loose.png", f"stray file: {SPLIT_FOLDERS}")),
         (lambda r: (r / "train" / "notes.txt").write_text("x"), ("train/notes.txt", f"stray file: {SPLIT_CONTENTS}")),
         (lambda r: (r / "test" / "masks").mkdir(), ("test/masks", f"unknown folder: {SPLIT_CONTENTS}")),
     ],
-    ids=["val split", "wrong-case split", "file in the root", "file in a split", "folder in a split"],
+    ids=["val split", "wrong-case split", "image in the root", "file in a split", "folder in a split"],
 )
 def test_an_entry_outside_the_layout_is_a_problem_naming_it_and_the_good_cases_are_still_found(
         tmp_path, write_stray, problem):
     good_layout(tmp_path)
     write_stray(tmp_path)
     assert scanned(tmp_path) == (["a", "b"], [problem])
+
+
+def test_the_roots_own_files_are_left_alone(tmp_path):
+    good_layout(tmp_path)
+    for name in ("meta_data.xlsx", "README.md"):
+        (tmp_path / name).write_text("x")
+    assert scanned(tmp_path) == (["a", "b"], [])
 
 
 @pytest.mark.parametrize("labels", [None, "outputs_JSON"], ids=["missing", "misnamed"])

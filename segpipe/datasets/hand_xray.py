@@ -2,9 +2,10 @@
 
 `<split>` is `train` and/or `test`. `train` is labelled: it must have its `outputs_json/` folder,
 and every image needs its JSON (and every JSON its image). `test` is labelled too when it has an
-`outputs_json/` folder, else (as usual) ingested unlabelled. Anything else in the root or in a
-split (a `val/` split, a misnamed `Test/` or `outputs_JSON/`, a stray file) is a problem, not
-skipped. The patient folder is the group. Images may be any size.
+`outputs_json/` folder, else (as usual) ingested unlabelled. Anything else in a split (a
+misnamed `outputs_JSON/`, a stray file) or any other folder or image in the root (a `val/`
+split, a misnamed `Test/`) is a problem, not skipped; the root's other files (the release's
+spreadsheet of patient data, a README) are not the layout's and are left alone. The patient folder is the group. Images may be any size.
 
 Pixel convention of the masks: the polygon's vertices are in pixel coordinates with pixel centres
 at integers (x = column, y = row), and a pixel is set exactly when its centre lies inside the
@@ -42,12 +43,15 @@ IMAGES, LABELS = "DCM", "outputs_json"
 # A vertex may sit on the far edge of the last pixel; further out means the annotation does not
 # belong to an image of this size.
 EDGE_SLACK = 1.0
-# Points this close to one line (in pixels) are on it: float noise, not a shape.
-COLLINEAR_TOLERANCE = 1e-9
+# A polygon whose points all lie this close to one line (in pixels) is at most a pixel wide: a line
+# drawn as an outline, whose boundary alone would set the centres along it.
+COLLINEAR_TOLERANCE = 0.5
+# Files that are images wherever they lie, so must lie where the layout reads them.
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm"}
 
 
 def scan(raw: Path) -> Scan:
-    splits, problems = _layout(require_dir(raw), SPLITS)
+    splits, problems = _layout(require_dir(raw), SPLITS, other_files=True)
     cases: list[RawCase] = []
     for split, root in splits.items():
         found, trouble = _scan_split(root, split)
@@ -143,14 +147,18 @@ def _scan_split(root: Path, split: str) -> tuple[list[RawCase], list[IngestError
     return cases, problems
 
 
-def _layout(folder: Path, expected: tuple[str, ...]) -> tuple[dict[str, Path], list[IngestError]]:
-    """The expected sub-folders of `folder` by name, and a problem for each other entry. Names are
-    compared as listed, since on a case-insensitive disk `folder / "test"` would also open `Test/`."""
+def _layout(folder: Path, expected: tuple[str, ...],
+            other_files: bool = False) -> tuple[dict[str, Path], list[IngestError]]:
+    """The expected sub-folders of `folder` by name, and a problem for each other entry, but for
+    files that are not images where `other_files` allows them. Names are compared as listed, since
+    on a case-insensitive disk `folder / "test"` would also open `Test/`."""
     found: dict[str, Path] = {}
     problems: list[IngestError] = []
     for entry in visible(folder):
         if entry.is_dir() and entry.name in expected:
             found[entry.name] = entry
+        elif other_files and entry.is_file() and entry.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
         else:
             kind = "unknown folder" if entry.is_dir() else "stray file"
             names = ", ".join(f"{name}/" for name in expected)
@@ -228,7 +236,8 @@ def _polygon(points: Any, what: str, size: tuple[int, int], where: Path) -> np.n
     if len(xy) < 3:
         raise IngestError(where, f"{what}: degenerate polygon: {len(xy)} point(s), need at least 3")
     if _collinear(xy):
-        raise IngestError(where, f"{what}: degenerate polygon: all {len(xy)} points lie on one line")
+        raise IngestError(where, f"{what}: degenerate polygon: all {len(xy)} points lie on one line "
+                                 f"(within {COLLINEAR_TOLERANCE} px)")
     height, width = size
     limit = np.array([width, height]) - 1 + EDGE_SLACK
     if (xy.min(axis=0) < -EDGE_SLACK).any() or (xy.max(axis=0) > limit).any():
