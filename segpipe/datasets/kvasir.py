@@ -4,15 +4,17 @@ The masks are 3-channel JPEGs with compression noise around 0 and 255. They are 
 grayscale (PIL's ITU-R 601-2 luma) and thresholded at > 127: the three channels carry the same
 content, and a weighted mean of them averages out the per-channel chroma noise instead of
 trusting one channel. Images keep their original size.
-When `kavsir_bboxes.json` is present it must describe every image and nothing else: an image
-without an entry, an entry without an image, a size that differs from the image's and a box
-outside the image are errors. Its entry is part of a case (RawCase.meta), so editing it
+When `kavsir_bboxes.json` is present it must describe every image: an image without an entry,
+a size that differs from the image's and a box outside the image are errors. Entries without an
+image are logged, not errors: a subset of the images (a published training split) is commonly
+kept beside the full file. A case's entry is part of it (RawCase.meta), so editing the entry
 re-ingests that case.
 Kvasir has no patient information, so each case is its own group.
 """
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,8 @@ import numpy as np
 
 from segpipe.datasets import CaseData, RawCase, Scan, open_image, require_dir, split_by_suffix
 from segpipe.errors import IngestError
+
+log = logging.getLogger(__name__)
 
 CLASSES = ["polyp"]
 SUFFIXES = {".jpg", ".jpeg", ".png"}
@@ -34,9 +38,10 @@ def scan(raw: Path) -> Scan:
     orphans = sorted(masks.keys() - images.keys())
     problems += [IngestError(masks[stem], "mask without its image in images/") for stem in orphans]
     boxes = _read_boxes(raw / BBOXES)
-    if boxes is not None:
-        problems += [IngestError(raw / BBOXES, f"entry {stem!r} has no image in images/")
-                     for stem in sorted(boxes.keys() - images.keys() - masks.keys())]
+    spare = sorted(boxes.keys() - images.keys() - masks.keys()) if boxes is not None else []
+    if spare:
+        log.warning("%s: no image in images/ for %d of its entries (not ingested): %s", raw / BBOXES,
+                    len(spare), ", ".join(spare[:5]) + (", ..." if len(spare) > 5 else ""))
     cases = []
     for stem, image in sorted(images.items()):
         if stem not in masks:
