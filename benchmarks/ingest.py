@@ -106,8 +106,8 @@ def measure(client: Client, dataset: str, raw: Path, cfg: IngestConfig, repeats:
         result[f"{name}_s"] = round(seconds, 3)
         result[f"{name}_images_per_s"] = round(len(cases) / seconds, 2)
         result[f"{name}_MB_per_s"] = round(megabytes / seconds, 2)
+    per_image = 1000 / (repeats * len(cases))  # seconds over all runs -> ms per image
     for name, (user, system) in cpu.items():
-        per_image = 1000 / (repeats * len(cases))
         result[f"{name}_worker_cpu_ms_per_image"] = {"user": round(user * per_image, 2),
                                                      "sys": round(system * per_image, 2)}
     result["ratio"] = round(best["decode"] / best["ingest"], 3)

@@ -2,6 +2,8 @@
 half-written artifact where a finished one is expected."""
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
 import shutil
@@ -11,12 +13,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+_LIBC = ctypes.CDLL(None, use_errno=True) if os.name == "posix" else None
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2  # from Linux's fcntl.h and fs.h
+
 
 @contextmanager
 def atomic_dir(target: Path) -> Iterator[Path]:
     """Yield an empty temporary directory that replaces `target` when the block succeeds."""
     target = Path(target)
-    restore_interrupted(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
@@ -33,7 +37,6 @@ def resumable_dir(target: Path, resume: bool) -> Iterator[Path]:
     (ignored by git as *.tmp), and outlives a failure or a kill, so a rerun with resume=True carries
     on with what it holds; resume=False starts it empty."""
     target = Path(target)
-    restore_interrupted(target)
     work = target.with_name(f".{target.name}.partial.tmp")
     if not resume:
         shutil.rmtree(work, ignore_errors=True)
@@ -42,35 +45,33 @@ def resumable_dir(target: Path, resume: bool) -> Iterator[Path]:
     _replace_dir(work, target)
 
 
-def restore_interrupted(target: Path) -> None:
-    """Put the previous `target` back where a replacement was killed between its two renames
-    (_replace_dir), which leaves it aside and no `target`: a reader of `target`, or the next
-    replacement, then finds the previous version, not nothing."""
-    old = _aside(Path(target))
-    if old.exists() and not os.path.lexists(target):
-        os.replace(old, target)
-
-
-def _aside(target: Path) -> Path:
-    return target.with_name(f".{target.name}.old")
-
-
 def _replace_dir(src: Path, target: Path) -> None:
-    old = _aside(target)
+    """Put `src` at `target`. An existing `target` is swapped with `src` in one step where the
+    system can (_exchange), so that no kill leaves `target` missing; elsewhere it is renamed aside
+    first, and a kill between the two renames leaves it at `.<name>.old`."""
+    if target.exists() and _exchange(src, target):
+        shutil.rmtree(src, ignore_errors=True)  # the previous version, now at the temporary name
+        return
+    old = target.with_name(f".{target.name}.old")
     if target.exists():
-        _discard(old)
+        shutil.rmtree(old, ignore_errors=True)
         os.replace(target, old)
     os.replace(src, target)
-    _discard(old)
+    shutil.rmtree(old, ignore_errors=True)
 
 
-def _discard(path: Path) -> None:
-    """Delete a directory, renamed out of the way first: a kill while deleting then leaves a
-    temporary behind, never a half-deleted `path` that restore_interrupted would put back."""
-    if path.exists():
-        trash = Path(tempfile.mkdtemp(prefix=f"{path.name}.", suffix=".tmp", dir=path.parent))
-        os.replace(path, trash / path.name)
-        shutil.rmtree(trash, ignore_errors=True)
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2 with RENAME_EXCHANGE: ext4, xfs, btrfs, tmpfs);
+    False where the system or the filesystem cannot."""
+    renameat2 = getattr(_LIBC, "renameat2", None)
+    if renameat2 is None:
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):  # the call or the flag unsupported here
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
 
 
 def write_json(path: Path, data: Any) -> None:

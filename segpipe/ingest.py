@@ -44,7 +44,7 @@ import segpipe.datasets
 import segpipe.sparse_mask
 import segpipe.store
 import segpipe.zarr_files
-from segpipe.atomic import atomic_dir, restore_interrupted
+from segpipe.atomic import atomic_dir
 from segpipe.config import IngestConfig
 from segpipe.datasets import CaseData, RawCase, reader, sha256
 from segpipe.errors import IngestError, SegpipeError
@@ -113,7 +113,6 @@ def ingest(dataset: str, raw: Path, out: Path, cfg: IngestConfig, client: Client
         _reject(problem, cfg, report, raw)
     limit = in_flight_limit(cfg, client)
     code = _code_fingerprint(module)
-    restore_interrupted(out)  # the previous store, had the last run been killed while swapping it in
     previous, report.rebuilt = _previous(out, dataset, cfg, code)
 
     unchanged, failed, todo = _compare(client, cases, previous, limit)

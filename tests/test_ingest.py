@@ -412,7 +412,9 @@ def test_an_edited_bbox_entry_reingests_its_case_alone_and_a_fixed_one_retries_a
     report = ingest("kvasir", raw, out, SKIP, client)
     assert (report.unchanged, [s["source"] for s in report.skipped]) == (2, ["images/b.jpg"])
     assert "!= 40x99 (WxH) recorded in kavsir_bboxes.json" in report.skipped[0]["reason"]
-    assert ingest("kvasir", raw, out, SKIP, client).unchanged == 2  # still bad, not decoded again
+    before = files_of(out)
+    again = ingest("kvasir", raw, out, SKIP, client)
+    assert again.skipped == report.skipped and files_of(out) == before  # still bad, not decoded again
     write_boxes(raw, {"a": 32, "b": 32, "c": 32})
     report = ingest("kvasir", raw, out, SKIP, client)
     assert (report.ingested, report.unchanged, report.skipped) == (1, 2, [])
@@ -475,15 +477,6 @@ def test_a_killed_ingest_leaves_the_previous_store_readable_and_complete(kvasir_
     store = CaseStore(out)
     assert store.case_ids() == ["a", "b", "c"] and store.attrs["found"] == 3
     np.testing.assert_array_equal(store.array("a", "image")[:], image_a)
-
-
-def test_a_kill_between_the_renames_that_swap_a_store_in_leaves_the_previous_one_to_the_next_run(kvasir_store, client):
-    raw, out = kvasir_store
-    before = files_of(out)
-    os.replace(out, out.with_name(".k.zarr.old"))  # where atomic_dir's swap puts it before renaming the new one in
-    report = ingest("kvasir", raw, out, FAIL, client)
-    assert (report.ingested, report.unchanged, report.rebuilt) == (0, 3, None)  # updated, not rebuilt
-    assert files_of(out) == before and sorted(p.name for p in out.parent.iterdir()) == ["k.zarr", "raw"]
 
 
 @pytest.mark.parametrize("dataset", ["kvasir", "usc_timit", "hand_xray"])
