@@ -1,12 +1,15 @@
 """Atomic outputs: write to a temporary sibling, then rename, so a killed stage never leaves a
-half-written artifact where a finished one is expected."""
+half-written artifact where a finished one is expected; what a killed writer left behind is
+deleted by the next writer of the same output."""
 from __future__ import annotations
 
 import ctypes
 import errno
+import glob
 import json
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,10 +22,16 @@ _AT_FDCWD, _RENAME_EXCHANGE = -100, 2  # from Linux's fcntl.h and fs.h
 
 @contextmanager
 def atomic_dir(target: Path) -> Iterator[Path]:
-    """Yield an empty temporary directory that replaces `target` when the block succeeds."""
+    """Yield an empty temporary directory that replaces `target` when the block succeeds. Its
+    name, `.<name>.<host>@<pid>.<random>.tmp`, says which process builds it, so that once that
+    process is gone (killed: a failure cleans up itself) the next atomic_dir of `target` on the
+    same host deletes it: a killed build of a hand X-ray store leaves gigabytes. (Builders of one
+    output on one host must share a pid namespace: a container's pids look dead from outside it.)"""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    _delete_abandoned(target)
+    prefix = f"{_builder_prefix(target)}{os.getpid()}."
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=target.parent))
     try:
         yield tmp
     except BaseException:
@@ -43,6 +52,30 @@ def resumable_dir(target: Path, resume: bool) -> Iterator[Path]:
     work.mkdir(parents=True, exist_ok=True)
     yield work
     _replace_dir(work, target)
+
+
+def _builder_prefix(target: Path) -> str:
+    """The start of the names of this host's temporaries for `target`; the builder's pid follows."""
+    return f".{target.name}.{socket.gethostname()}@"
+
+
+def _delete_abandoned(target: Path) -> None:
+    """Delete this host's temporaries for `target` whose builder process no longer runs."""
+    prefix = _builder_prefix(target)
+    for path in target.parent.glob(f"{glob.escape(prefix)}*.tmp"):
+        pid = path.name[len(prefix):].split(".")[0]
+        if pid.isdigit() and not _running(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # no signal sent: only whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, as another user's
+        pass
+    return True
 
 
 def _replace_dir(src: Path, target: Path) -> None:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -67,3 +69,18 @@ def test_where_paths_cannot_be_swapped_in_one_step_the_previous_version_is_renam
     with atomic_dir(previous) as tmp:
         write_version(tmp, "v2")
     assert version_of(previous) == "v2" and os.listdir(previous.parent) == ["out"]
+
+
+def test_a_killed_builders_temporary_is_deleted_by_the_next_build_and_a_running_ones_kept(previous):
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    prefix = segpipe.atomic._builder_prefix(previous)
+    abandoned = previous.parent / f"{prefix}{gone.stdout.strip()}.x1.tmp"
+    building = previous.parent / f"{prefix}{os.getpid()}.x2.tmp"  # a process that runs: this one
+    other_host = previous.parent / f".out.elsewhere@{gone.stdout.strip()}.x3.tmp"  # its pids mean nothing here
+    for folder in (abandoned, building, other_host):
+        folder.mkdir()
+        write_version(folder, "partial")
+    with atomic_dir(previous) as tmp:
+        write_version(tmp, "v2")
+    assert sorted(os.listdir(previous.parent)) == sorted(["out", building.name, other_host.name])

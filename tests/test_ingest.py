@@ -446,7 +446,7 @@ def test_a_skipped_case_is_decoded_again_only_once_its_file_changes(tmp_path, cl
     assert CaseStore(out).case_ids() == sorted(good + ["bad"]) and CaseStore(out).attrs["skipped"] == []
 
 
-def test_a_killed_ingest_leaves_the_previous_store_readable_and_complete(kvasir_store, tmp_path):
+def test_a_killed_ingest_leaves_the_previous_store_readable_and_complete(kvasir_store, tmp_path, client):
     raw, out = kvasir_store
     before, image_a = files_of(out), CaseStore(out).array("a", "image")[:]
     for i in range(HANG_AT + 2):
@@ -477,6 +477,9 @@ def test_a_killed_ingest_leaves_the_previous_store_readable_and_complete(kvasir_
     store = CaseStore(out)
     assert store.case_ids() == ["a", "b", "c"] and store.attrs["found"] == 3
     np.testing.assert_array_equal(store.array("a", "image")[:], image_a)
+    # the next run ingests the new cases and deletes the killed run's temporary store
+    assert ingest("kvasir", raw, out, FAIL, client).ingested == HANG_AT + 2
+    assert sorted(p.name for p in out.parent.iterdir()) == ["k.zarr", "params.yaml", "raw", "stderr"]
 
 
 @pytest.mark.parametrize("dataset", ["kvasir", "usc_timit", "hand_xray"])
