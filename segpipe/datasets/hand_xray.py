@@ -5,7 +5,8 @@ and every image needs its JSON (and every JSON its image). `test` is labelled to
 `outputs_json/` folder, else (as usual) ingested unlabelled. Anything else in a split (a
 misnamed `outputs_JSON/`, a stray file) or any other folder or image in the root (a `val/`
 split, a misnamed `Test/`) is a problem, not skipped; the root's other files (the release's
-spreadsheet of patient data, a README) are not the layout's and are left alone. The patient folder is the group. Images may be any size.
+spreadsheet of patient data, a README) are not the layout's and are left alone. The patient
+folder is the group. Images may be any size.
 
 Pixel convention of the masks: the polygon's vertices are in pixel coordinates with pixel centres
 at integers (x = column, y = row), and a pixel is set exactly when its centre lies inside the
