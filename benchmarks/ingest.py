@@ -5,10 +5,12 @@
 
 Prints one JSON line. For each dataset (the real Kvasir pairs; synthetic 2048x2048 hand X-rays
 with 29-channel masks written by segpipe/datasets/demo_hand.py into a temporary folder):
-    decode   the dataset's reader decodes every case on the cluster (same workers, same tasks of
-             one or more cases as ingest's, same bound on tasks in flight) and the arrays are
-             dropped: reading and decoding, nothing written
-    ingest   segpipe.ingest.ingest into a fresh store: hash, decode, and write every case
+    decode   the dataset's reader decodes every file of every case to its arrays (decode_case:
+             images to pixels, masks and polygons to masks, videos to frames) on the cluster (same
+             workers, same tasks of one or more cases as ingest's, same bound on tasks in flight)
+             and drops them: what a script reading the dataset does, nothing written
+    ingest   segpipe.ingest.ingest into a fresh store: hash, read (load_case: what ingest stores,
+             a Kvasir image kept as its JPEG file, checked to decode), and write every case
     rerun    ingest again over the unchanged files (hashing only; the store is left untouched)
 Rates are images/s and MB/s of raw files read; ratio = ingest rate / decode rate (goal >= 0.8).
 `*_worker_cpu_ms_per_image` is the CPU time the workers spent, user and system (kernel), per
@@ -72,9 +74,10 @@ def timed(client: Client, work: Callable[[], Any]) -> tuple[Any, float, np.ndarr
 
 
 def decode_only(cases: list[RawCase], dataset: str) -> None:
-    """The baseline's work for one task: what ingest does minus hashing and writing."""
+    """The baseline's work for one task: every file of each case decoded to its arrays, as a
+    script reading the dataset does (the reader's decode_case)."""
     for case in cases:
-        reader(dataset).load_case(case)
+        reader(dataset).decode_case(case)
 
 
 def measure(client: Client, dataset: str, raw: Path, cfg: IngestConfig, repeats: int, work: Path) -> dict:

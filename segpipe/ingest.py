@@ -41,6 +41,7 @@ from typing import Any
 from distributed import Client, as_completed, wait
 
 import segpipe.datasets
+import segpipe.image_file
 import segpipe.sparse_mask
 import segpipe.store
 import segpipe.zarr_files
@@ -286,7 +287,7 @@ def _root_attrs(attrs: dict[str, Any], report: IngestReport) -> dict[str, Any]:
 def code_sources(module: ModuleType) -> list[Path]:
     """The sources that decide a case's stored bytes and attrs, for the reader `module`: the ingest
     stage in dvc.yaml depends on each, so that changing one reruns it."""
-    modules = (module, segpipe.datasets, segpipe.store, segpipe.zarr_files, segpipe.sparse_mask)
+    modules = (module, segpipe.datasets, segpipe.store, segpipe.zarr_files, segpipe.sparse_mask, segpipe.image_file)
     return [Path(inspect.getsourcefile(m)) for m in modules] + [Path(__file__)]
 
 

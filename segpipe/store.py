@@ -4,7 +4,8 @@ Layout of a store `<name>.zarr`:
     attrs: {"dataset": str, "classes": [str, ...], plus whatever the writer adds (ingest params, skipped files)}
     <case_id>/                       one group per case
         attrs: case id, group id, source path, sha256, original size, kind ("image" | "video"), ...
-        image   (H, W) or (H, W, 3) for an image, (T, H, W) for a video; uint8/uint16
+        image   (H, W) or (H, W, 3) for an image, (T, H, W) for a video; uint8/uint16. A Kvasir
+                image is its JPEG file as found, one chunk (segpipe.image_file)
         mask    (C, H, W) for an image, (T, C, H, W) for a video; uint8, one binary channel per class
         prob    same shape as mask, float16 probabilities (prediction stores)
         <other> any per-case array (e.g. frame timestamps, a video's reconstruction, pseudo-label confidence)
@@ -41,6 +42,7 @@ from zarr.core.sync import _get_loop, sync
 
 from segpipe import zarr_files
 from segpipe.errors import StoreError
+from segpipe.image_file import ImageFile
 from segpipe.sparse_mask import SparseMask
 from segpipe.zarr_files import CHUNK_KEY_ENCODING, COMPRESSOR, StoredArray
 
@@ -148,7 +150,7 @@ class CaseStore:
         return f"{self.path}: case {case_id!r} has no {name!r} array"
 
     def write_case(self, case_id: str, attrs: dict[str, Any],
-                   arrays: dict[str, np.ndarray | SparseMask] | None = None, chunk: int = 512,
+                   arrays: dict[str, np.ndarray | SparseMask | ImageFile] | None = None, chunk: int = 512,
                    frames: int = 16) -> None:
         """Create (or replace) a case group with its attrs and, where given, its whole arrays (see
         write_array)."""
@@ -177,11 +179,12 @@ class CaseStore:
         self._write_array(case_id, name, data, self.case_attrs(case_id).get("kind", IMAGE), chunk, frames)
         return self.array(case_id, name)
 
-    def _write_array(self, case_id: str, name: str, data: np.ndarray | SparseMask, kind: str, chunk: int,
-                     frames: int) -> None:
+    def _write_array(self, case_id: str, name: str, data: np.ndarray | SparseMask | ImageFile, kind: str,
+                     chunk: int, frames: int) -> None:
         # One file: a shard for the whole array, or the one chunk where that is the whole array (a
         # shard's index and per-chunk work cost more than writing a small array itself).
-        zarr_files.write_array(self.path / case_id / name, data, default_chunks(name, data.shape, kind, chunk, frames))
+        chunks = data.shape if isinstance(data, ImageFile) else default_chunks(name, data.shape, kind, chunk, frames)
+        zarr_files.write_array(self.path / case_id / name, data, chunks)
 
     def create_banded(self, case_id: str, name: str, shape: tuple[int, ...], dtype: str, video: bool,
                       band: int) -> zarr.Array:

@@ -9,7 +9,7 @@ loop and codec pipeline, however small the array: a real Kvasir case (group, ima
 
 Scope: what CaseStore writes in one go. An array is one chunk (unsharded) or one shard holding its
 chunks (padded with the fill value 0 at the edges, as zarr pads them), compressed by COMPRESSOR
-(or stored UNCOMPRESSED where LZ4 does not pay);
+(or stored UNCOMPRESSED where LZ4 does not pay), or an image file as it came (segpipe.image_file);
 a SparseMask's chunks without a 1 are left out (see write_array). The metadata documents come
 from zarr's own classes (an array's is zarr's for an array of its kind, with its shapes put in), so only the
 chunk bytes, the shard layout and its index are encoded here.
@@ -39,6 +39,7 @@ from zarr.core.indexing import morton_order_iter
 from zarr.core.metadata import ArrayV3Metadata
 
 from segpipe.errors import StoreError
+from segpipe.image_file import NAME as IMAGE_FILE, ImageFile, ImageFileCodec, array_shape, decode as decode_image_file
 from segpipe.sparse_mask import SparseMask
 
 METADATA = "zarr.json"
@@ -69,9 +70,10 @@ def write_group_attrs(path: Path, attrs: dict[str, Any]) -> None:
     _write_file(path / METADATA, [_json(GroupMetadata(attributes=attrs).to_dict())])
 
 
-def write_array(path: Path, data: np.ndarray | SparseMask, chunks: tuple[int, ...]) -> None:
+def write_array(path: Path, data: np.ndarray | SparseMask | ImageFile, chunks: tuple[int, ...]) -> None:
     """`data` as an array at `path`, replacing whatever was there, in one file: a single chunk when
     `chunks` is the whole array, else one shard holding its chunks (chunk-aligned, covering it).
+    An ImageFile is one chunk, its file's bytes as they are (segpipe.image_file's codec).
 
     A dense array has every chunk stored (zarr's write_empty_chunks=True: finding the empty ones
     would mean scanning every value). A SparseMask is made dense one chunk at a time, and its
@@ -81,6 +83,13 @@ def write_array(path: Path, data: np.ndarray | SparseMask, chunks: tuple[int, ..
     that LZ4 does not pay (see WORTH_COMPRESSING); then it is stored UNCOMPRESSED.
     """
     chunks = tuple(chunks)
+    if isinstance(data, ImageFile):
+        if chunks != data.shape:
+            raise ValueError(f"{path}: an image file is one chunk of its whole {data.shape}, not {chunks}")
+        _empty_dir(path)
+        _write_file(path / METADATA, [_image_file_document(data.shape, data.mode)])
+        _write_file(path / ".".join(["c"] + ["0"] * len(chunks)), [data.content])
+        return
     shards = None if chunks == data.shape else tuple(-(-s // c) * c for s, c in zip(data.shape, chunks))
     grid = tuple(s // c for s, c in zip(shards or chunks, chunks))
     stored = data.chunks_with_ones(chunks) if isinstance(data, SparseMask) else set(np.ndindex(grid))
@@ -107,12 +116,33 @@ def _array_encoding(shape: tuple[int, ...], dtype: str, chunks: tuple[int, ...],
     this kind (data type, rank, sharded or not, COMPRESSOR or UNCOMPRESSED) with this array's shapes put in. Having
     zarr build the whole document took 0.2-0.3 ms, and Kvasir images come in a new size nearly every case."""
     template, blosc = _array_template(dtype, len(shape), shards is not None, compressed)
+    return _with_shapes(template, shape, shards or chunks, chunks if shards is not None else None), blosc
+
+
+def _image_file_document(shape: tuple[int, ...], mode: str) -> bytes:
+    """The metadata document of an ImageFile's array: zarr's for one chunk with its codec."""
+    return _with_shapes(_image_file_template(mode), shape, shape, None)
+
+
+@functools.lru_cache(maxsize=16)
+def _image_file_template(mode: str) -> dict[str, Any]:
+    shape = array_shape(1, 1, mode)
+    zdtype = parse_dtype(np.dtype(np.uint8), zarr_format=3)
+    return AsyncArray._create_metadata_v3(shape=shape, dtype=zdtype, chunk_shape=shape, fill_value=0,
+                                          codecs=(ImageFileCodec(mode=mode),),
+                                          chunk_key_encoding=CHUNK_KEY_ENCODING).to_dict()
+
+
+def _with_shapes(template: dict[str, Any], shape: tuple[int, ...], file_shape: tuple[int, ...],
+                 inner_chunks: tuple[int, ...] | None) -> bytes:
+    """A metadata `template` (zarr's, for an array of the same kind) encoded with this array's
+    shape, chunk (or shard) shape, and where sharded, the shard's chunk shape."""
     document = copy.deepcopy(template)
     document["shape"] = list(shape)
-    document["chunk_grid"]["configuration"]["chunk_shape"] = list(shards or chunks)
-    if shards is not None:
-        document["codecs"][0]["configuration"]["chunk_shape"] = list(chunks)
-    return _json(document), blosc
+    document["chunk_grid"]["configuration"]["chunk_shape"] = list(file_shape)
+    if inner_chunks is not None:
+        document["codecs"][0]["configuration"]["chunk_shape"] = list(inner_chunks)
+    return _json(document)
 
 
 @functools.lru_cache(maxsize=64)
@@ -191,7 +221,7 @@ class _ChunkCutter:
 class StoredArray:
     """An array as write_array and zarr (with this module's COMPRESSOR or UNCOMPRESSED, and
     CHUNK_KEY_ENCODING) store it, read by decoding its files here: Blosc chunks, in shards (index
-    at the end) or not, fill value 0. Read only.
+    at the end) or not, or one image file; fill value 0. Read only.
 
     Why: zarr spends 0.1-0.4 ms of CPU on every chunk a read visits, stored or not. A demo hand's
     2048 px mask in 464 one-class chunks, 57 of them stored, took zarr 174-209 ms to read whole
@@ -214,10 +244,13 @@ class StoredArray:
             self._sharded = codecs[0]["name"] == "sharding_indexed"
             inner = codecs[0]["configuration"] if self._sharded else {"codecs": codecs, "chunk_shape": self._file_shape}
             self._chunks = tuple(inner["chunk_shape"])
-            supported = ([c["name"] for c in inner["codecs"]] == ["bytes", "blosc"]
-                         and inner["codecs"][0].get("configuration", {}).get("endian", "little") == "little"
-                         and (not self._sharded or (len(codecs) == 1 and inner["index_location"] == "end"
-                                                    and [c["name"] for c in inner["index_codecs"]] == ["bytes", "crc32c"]))
+            image_file = [c["name"] for c in codecs] == [IMAGE_FILE]
+            self._image_mode = codecs[0]["configuration"]["mode"] if image_file else None
+            blosc_chunks = ([c["name"] for c in inner["codecs"]] == ["bytes", "blosc"]
+                            and inner["codecs"][0].get("configuration", {}).get("endian", "little") == "little"
+                            and (not self._sharded or (len(codecs) == 1 and inner["index_location"] == "end"
+                                                       and [c["name"] for c in inner["index_codecs"]] == ["bytes", "crc32c"])))
+            supported = ((blosc_chunks or (image_file and self._file_shape == self.shape))
                          and document["chunk_key_encoding"] == {"name": "default", "configuration": {"separator": "."}}
                          and document["fill_value"] == 0)
         except (OSError, ValueError, TypeError, KeyError, IndexError) as exc:
@@ -302,6 +335,11 @@ class StoredArray:
             _place(self._decode(path, os.pread(fd, length, offset)), chunk_origin, box, out)
 
     def _decode(self, path: Path, encoded: bytes) -> np.ndarray:
+        if self._image_mode is not None:
+            try:
+                return decode_image_file(encoded, self._image_mode, self._chunks)
+            except StoreError as exc:
+                raise StoreError(f"{path}: {exc}") from None
         # Blosc is not told how many bytes it was given: a cut chunk would be read past its end, so
         # its header's sizes (uncompressed at 4:8, compressed at 12:16) are checked first.
         if (len(encoded) < 16 or int.from_bytes(encoded[12:16], "little") != len(encoded)

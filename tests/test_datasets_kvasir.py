@@ -43,6 +43,17 @@ def test_every_real_mask_is_its_jpeg_converted_to_luma_and_thresholded_above_127
 
 
 @needs_shared_data
+def test_ingest_keeps_the_image_file_which_decodes_to_the_pixels_a_loader_reads():
+    for case in kvasir.list_cases(REAL)[:40]:
+        kept, decoded = kvasir.load_case(case), kvasir.decode_case(case)
+        assert kept.image.content == case.source.read_bytes()
+        np.testing.assert_array_equal(np.asarray(kept.image), decoded.image)
+        np.testing.assert_array_equal(decoded.image, np.asarray(Image.open(case.source).convert("RGB")))
+        np.testing.assert_array_equal(kept.mask, decoded.mask)
+        assert kept.attrs == decoded.attrs
+
+
+@needs_shared_data
 def test_real_images_keep_their_original_varied_sizes():
     sizes = {kvasir.load_case(c).image.shape for c in kvasir.list_cases(REAL)[:40]}
     assert len(sizes) > 10

@@ -4,7 +4,9 @@ A reader module offers:
     CLASSES                      the class names, in mask-channel order
     scan(raw) -> Scan            the cases found, plus structural problems (kept, not raised)
     list_cases(raw)              the cases, sorted by id; raises the first structural problem
-    load_case(case) -> CaseData  decodes one case; raises IngestError naming the bad file
+    load_case(case) -> CaseData  reads one case as ingest stores it; raises IngestError naming the bad file
+    decode_case(case) -> CaseData  the same case with every file decoded to pixels (what a script
+                                   reading the dataset does: the ingest benchmark's baseline)
 
 Structural problems (an image without its mask, a stray file) are collected by `scan` rather
 than raised, so that ingest with `on_error: skip` can list them and still ingest the rest.
@@ -21,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from segpipe.errors import ConfigError, IngestError
+from segpipe.image_file import ImageFile
 from segpipe.sparse_mask import SparseMask
 
 
@@ -46,7 +49,7 @@ class RawCase:
 class CaseData:
     """One decoded case: what ingest writes to the store."""
 
-    image: np.ndarray
+    image: np.ndarray | ImageFile  # an image kept as its file (Kvasir: segpipe.image_file)
     mask: np.ndarray | SparseMask | None
     attrs: dict[str, Any]
     arrays: dict[str, np.ndarray] = field(default_factory=dict)

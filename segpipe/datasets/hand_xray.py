@@ -75,6 +75,9 @@ def load_case(case: RawCase) -> CaseData:
     return CaseData(image=image, mask=mask, attrs=attrs)
 
 
+decode_case = load_case  # load_case decodes every file already
+
+
 def rasterise(annotations: list[dict[str, Any]], shape: tuple[int, ...], where: Path) -> SparseMask:
     """(C, H, W) uint8 multi-label mask: each polygon filled into its class channel (held as the
     polygons' filled bounding boxes: the dense mask of a 2048 px hand is 121 MB, see SparseMask)."""

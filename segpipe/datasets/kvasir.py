@@ -3,7 +3,8 @@
 The masks are 3-channel JPEGs with compression noise around 0 and 255. They are converted to
 grayscale (PIL's ITU-R 601-2 luma) and thresholded at > 127: the three channels carry the same
 content, and a weighted mean of them averages out the per-channel chroma noise instead of
-trusting one channel. Images keep their original size.
+trusting one channel. Images keep their original size, and are stored as the files they are
+(segpipe.image_file): decoding a JPEG only to compress its pixels again cost more than the decode.
 When `kavsir_bboxes.json` is present it must describe every image: an image without an entry,
 a size that differs from the image's and a box outside the image are errors. Entries without an
 image are logged, not errors: a subset of the images (a published training split) is commonly
@@ -22,6 +23,7 @@ import numpy as np
 
 from segpipe.datasets import CaseData, RawCase, Scan, open_image, require_dir, split_by_suffix
 from segpipe.errors import IngestError
+from segpipe.image_file import ImageFile
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +63,18 @@ def list_cases(raw: Path) -> list[RawCase]:
 
 
 def load_case(case: RawCase) -> CaseData:
-    image = np.asarray(open_image(case.source).convert("RGB"))
+    """What ingest stores: the image file as it is, checked to decode (segpipe.image_file: read back,
+    it is the file decoded to RGB), and the mask decoded and thresholded."""
+    return _case_data(case, ImageFile.read(case.source, "RGB"))
+
+
+def decode_case(case: RawCase) -> CaseData:
+    """Every file of the case decoded to pixels, as a script reading Kvasir would (the ingest
+    benchmark's baseline): the same case as load_case's, with the image decoded."""
+    return _case_data(case, np.asarray(open_image(case.source).convert("RGB")))
+
+
+def _case_data(case: RawCase, image: np.ndarray | ImageFile) -> CaseData:
     mask = np.asarray(open_image(case.label).convert("L")) > THRESHOLD
     if mask.shape != image.shape[:2]:
         raise IngestError(case.label, f"mask size {_hw(mask.shape)} != image size {_hw(image.shape)}")

@@ -91,6 +91,9 @@ def load_case(case: RawCase) -> CaseData:
     return data
 
 
+decode_case = load_case  # load_case decodes every file already
+
+
 def clip_name(path: Path) -> str:
     """What a clip's video and reconstruction have in common: the stem less `_video`/`_recon`."""
     for suffix in ("_video", "_recon"):
