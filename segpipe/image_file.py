@@ -11,9 +11,14 @@ Ingest still proves the file decodes (ImageFile.read): a JPEG is decoded at 1/8 
 entropy-decodes every coefficient, so a truncated or corrupt file fails as a full decode would, for
 a third of its time.
 
-The codec only decodes: zarr cannot write such an array (segpipe.zarr_files writes the file as it
-is). zarr finds the codec through the `zarr.codecs` entry point in pyproject.toml, wherever segpipe
-is installed, and through the registration below once segpipe is imported.
+The pixels are what the reading process's PIL decodes; Pillow is pinned in pyproject.toml (its
+wheels bring their own libjpeg-turbo), so every stage and machine decodes the same.
+The codec only decodes (segpipe.zarr_files writes the file as it is): zarr refuses a write to such
+an array, except one of all zeros, which zarr stores by deleting the chunk without calling a codec;
+segpipe opens the stores it reads read-only. zarr finds the codec through the `zarr.codecs` entry
+point in pyproject.toml wherever segpipe is installed, and through the registration below once
+segpipe is imported. CaseStore.reader (zarr_files.StoredArray) names the file of a chunk that does
+not decode; through zarr the error cannot say which (a codec is not told).
 """
 from __future__ import annotations
 
@@ -24,7 +29,7 @@ from pathlib import Path
 from typing import Any, Self
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageMode
 from zarr.abc.codec import ArrayBytesCodec
 from zarr.core.array_spec import ArraySpec
 from zarr.core.buffer import Buffer, NDBuffer
@@ -109,7 +114,9 @@ class ImageFileCodec(ArrayBytesCodec):
             raise ValueError(f"{NAME} holds uint8 pixels, not {dtype}")
         if not isinstance(chunk_grid, RegularChunkGrid) or tuple(chunk_grid.chunk_shape) != tuple(shape):
             raise ValueError(f"{NAME}: an image file is the whole array, one chunk")
-        if tuple(shape[2:]) != array_shape(1, 1, self.mode)[2:]:
+        if np.dtype(ImageMode.getmode(self.mode).typestr) != np.uint8:
+            raise ValueError(f"{NAME}: mode {self.mode} does not decode to uint8")
+        if len(shape) < 2 or tuple(shape[2:]) != array_shape(1, 1, self.mode)[2:]:
             raise ValueError(f"{NAME}: shape {shape} does not hold an image in mode {self.mode}")
 
     async def _decode_single(self, chunk_bytes: Buffer, chunk_spec: ArraySpec) -> NDBuffer:

@@ -199,8 +199,9 @@ def run_job(job: Job) -> str:
     model, meta = cached_model(job.checkpoint, job.device)
     images, out = CaseStore(job.images), CaseStore(job.out, mode="r+")
     image, video = images.array(job.case_id, "image"), images.is_video(job.case_id)
-    if job.rows is None:
-        probs = predict_frames(model, frames_of(image[:], video), meta, job.cfg, torch.device(job.device))
+    if job.rows is None:  # the whole image through CaseStore.reader, which names a file that does not decode
+        pixels = images.reader(job.case_id, "image")[...]
+        probs = predict_frames(model, frames_of(pixels, video), meta, job.cfg, torch.device(job.device))
         out.write_array(job.case_id, "prob", probs if video else probs[0])
     else:
         prob = out.array(job.case_id, "prob")

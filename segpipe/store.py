@@ -19,10 +19,11 @@ and compresses ~15 MB of a hand's 121 MB mask instead of all of it. Probabilitie
 0, keep all classes of a tile in one chunk.
 
 Case groups and whole arrays are written by segpipe.zarr_files: the very files zarr writes, without
-its per-call cost. Arrays filled band by band go through zarr. Masks are read through
-CaseStore.reader (zarr_files.StoredArray), several times quicker than zarr, whose cost per chunk
-made a hand mask in 464 one-class chunks slower to read than in 16 all-class ones; the rest of
-the reading goes through zarr.
+its per-call cost. Arrays filled band by band go through zarr. Masks, and the whole images that
+training and inference load, are read through CaseStore.reader (zarr_files.StoredArray), several
+times quicker than zarr, whose cost per chunk made a hand mask in 464 one-class chunks slower to
+read than in 16 all-class ones, and which names the file of a chunk that does not decode; the rest
+of the reading goes through zarr.
 Compression is Blosc-LZ4 (level 0, no compression, for arrays it cannot shrink, such as X-rays)
 and chunk keys are "c.0.0" (see zarr_files, which sets both).
 """
@@ -258,7 +259,8 @@ def read_labelled_cases(
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(frames, masks) of each case, stacked as frames_of does and cut to its labelled_frames; cases
     with none are left out. All zarr calls of CASES_IN_FLIGHT cases are issued together (see there),
-    and their masks read (CaseStore.reader) in threads meanwhile."""
+    and their images and masks read (CaseStore.reader: it names the file of a chunk that does not
+    decode, where zarr's codecs cannot) in threads meanwhile."""
     roots = images.root._async_group, labels.root._async_group  # the groups the stores already opened
     for start in range(0, len(case_ids), CASES_IN_FLIGHT):
         batch = case_ids[start : start + CASES_IN_FLIGHT]
@@ -280,11 +282,9 @@ async def _read_labelled(
     image_case, label_case = await asyncio.gather(
         _member(image_root, case_id, images._no_case(case_id)), _member(label_root, case_id, labels._no_case(case_id))
     )
-    mask = labels.reader(case_id, "mask")  # its StoreError before any read is under way
+    image, mask = images.reader(case_id, "image"), labels.reader(case_id, "mask")  # their StoreErrors first
     frames, masks, keep = await asyncio.gather(
-        _read(image_case, "image", images._no_array(case_id, "image")),
-        asyncio.to_thread(np.asarray, mask),
-        _read(label_case, "keep"),
+        asyncio.to_thread(np.asarray, image), asyncio.to_thread(np.asarray, mask), _read(label_case, "keep")
     )
     video = image_case.attrs.get("kind") == VIDEO
     frames, masks = frames_of(frames, video), frames_of(masks, video)
@@ -304,8 +304,8 @@ async def _member(group: zarr.AsyncGroup, name: str, missing: str | None = None)
         raise StoreError(missing) from None
 
 
-async def _read(case: zarr.AsyncGroup, name: str, missing: str | None = None) -> np.ndarray | None:
-    array = await _member(case, name, missing)
+async def _read(case: zarr.AsyncGroup, name: str) -> np.ndarray | None:
+    array = await _member(case, name)
     return None if array is None else np.asarray(await array.getitem(...))
 
 

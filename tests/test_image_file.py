@@ -16,6 +16,7 @@ from PIL import Image
 from segpipe import zarr_files
 from segpipe.errors import IngestError, StoreError
 from segpipe.image_file import ImageFile, ImageFileCodec
+from segpipe.store import CaseStore, read_labelled_cases
 
 RNG = np.random.default_rng(0)
 
@@ -76,12 +77,29 @@ def test_the_metadata_is_what_zarr_writes_for_an_array_with_the_codec(tmp_path, 
 
 
 def test_an_array_of_the_codec_must_be_one_uint8_chunk_shaped_for_its_mode(tmp_path):
-    for shape, chunks, dtype, problem in [((40, 60, 3), (20, 60, 3), "uint8", "one chunk"),
-                                          ((40, 60, 3), (40, 60, 3), "uint16", "uint8"),
-                                          ((40, 60), (40, 60), "uint8", "mode RGB")]:
+    for shape, chunks, dtype, mode, problem in [((40, 60, 3), (20, 60, 3), "uint8", "RGB", "one chunk"),
+                                                ((40, 60, 3), (40, 60, 3), "uint16", "RGB", "holds uint8"),
+                                                ((40, 60), (40, 60), "uint8", "RGB", "shape .* mode RGB"),
+                                                ((40,), (40,), "uint8", "L", "shape .* mode L"),
+                                                ((40, 60), (40, 60), "uint8", "1", "mode 1 does not decode to uint8"),
+                                                ((40, 60), (40, 60), "uint8", "I;16", "does not decode to uint8")]:
         with pytest.raises(ValueError, match=problem):
             zarr.create_array(tmp_path / problem, shape=shape, dtype=dtype, chunks=chunks, compressors=None,
-                              serializer=ImageFileCodec(mode="RGB"), filters=None)
+                              serializer=ImageFileCodec(mode=mode), filters=None)
+
+
+def test_training_reads_name_the_image_file_that_no_longer_decodes(tmp_path):
+    source = tmp_path / "image.jpg"
+    source.write_bytes(FILES["baseline jpeg 4:2:0"]())
+    store = CaseStore.create(tmp_path / "s.zarr", dataset="kvasir", classes=["polyp"])
+    store.write_case("case7", {"kind": "image"}, {"image": ImageFile.read(source, "RGB"),
+                                                  "mask": np.ones((1, 75, 90), np.uint8)})
+    [(frames, masks)] = read_labelled_cases(store, store, ["case7"])
+    np.testing.assert_array_equal(frames[0], decoded_by_pil(source))
+    chunk = store.path / "case7" / "image" / "c.0.0.0"
+    chunk.write_bytes(source.read_bytes()[:300])
+    with pytest.raises(StoreError, match=f"{chunk}: an image-file chunk that does not decode"):
+        list(read_labelled_cases(store, store, ["case7"]))
 
 
 def test_writing_through_zarr_is_refused(tmp_path):
