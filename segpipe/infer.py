@@ -198,13 +198,12 @@ def run_job(job: Job) -> str:
     keep_freed_memory()
     model, meta = cached_model(job.checkpoint, job.device)
     images, out = CaseStore(job.images), CaseStore(job.out, mode="r+")
-    image, video = images.array(job.case_id, "image"), images.is_video(job.case_id)
     if job.rows is None:  # the whole image through CaseStore.reader, which names a file that does not decode
-        pixels = images.reader(job.case_id, "image")[...]
+        pixels, video = images.reader(job.case_id, "image")[...], images.is_video(job.case_id)
         probs = predict_frames(model, frames_of(pixels, video), meta, job.cfg, torch.device(job.device))
         out.write_array(job.case_id, "prob", probs if video else probs[0])
     else:
-        prob = out.array(job.case_id, "prob")
+        image, prob = images.array(job.case_id, "image"), out.array(job.case_id, "prob")
         predict_tiled(model, meta, image, prob, job.cfg, torch.device(job.device), job.rows, prob.chunks[-2])
     log.info("predicted %s rows %s", job.case_id, job.rows or "all")
     return job.case_id

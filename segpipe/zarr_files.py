@@ -88,7 +88,7 @@ def write_array(path: Path, data: np.ndarray | SparseMask | ImageFile, chunks: t
             raise ValueError(f"{path}: an image file is one chunk of its whole {data.shape}, not {chunks}")
         _empty_dir(path)
         _write_file(path / METADATA, [_image_file_document(data.shape, data.mode)])
-        _write_file(path / ".".join(["c"] + ["0"] * len(chunks)), [data.content])
+        _write_file(path / _chunk_key((0,) * len(chunks)), [data.content])
         return
     shards = None if chunks == data.shape else tuple(-(-s // c) * c for s, c in zip(data.shape, chunks))
     grid = tuple(s // c for s, c in zip(shards or chunks, chunks))
@@ -106,7 +106,7 @@ def write_array(path: Path, data: np.ndarray | SparseMask | ImageFile, chunks: t
     if stored:
         pieces = [blosc.encode(_chunk(np.asarray(data)))] if shards is None else \
             _encode_shard(grid, stored, lambda coords: encoded.get(coords) or blosc.encode(cut(coords)))
-        _write_file(path / ".".join(["c"] + ["0"] * data.ndim), pieces)  # the key of the one chunk or shard
+        _write_file(path / _chunk_key((0,) * data.ndim), pieces)  # the key of the one chunk or shard
 
 
 @functools.lru_cache(maxsize=256)
@@ -273,7 +273,7 @@ class StoredArray:
     def _read_into(self, box: list[tuple[int, int]], out: np.ndarray) -> None:
         """Fill `out` with the region `box` from every file it overlaps (a file not stored is all 0)."""
         for coords in itertools.product(*_covering(box, self._file_shape)):
-            path = self.path / ".".join(["c", *map(str, coords)])
+            path = self.path / _chunk_key(coords)
             try:
                 file = open(path, "rb")
             except FileNotFoundError:  # not stored: all fill value
@@ -367,6 +367,11 @@ def _place(chunk: np.ndarray, origin: tuple[int, ...], box: list[tuple[int, int]
     dst = tuple(slice(max(start, o) - start, min(stop, o + n) - start)
                 for (start, stop), o, n in zip(box, origin, chunk.shape))
     out[dst] = chunk[src]
+
+
+def _chunk_key(coords: tuple[int, ...]) -> str:
+    """The file name of the chunk (or shard) at grid position `coords`, under CHUNK_KEY_ENCODING."""
+    return ".".join(["c", *map(str, coords)])
 
 
 def _chunk_region(coords: tuple[int, ...], chunks: tuple[int, ...]) -> tuple[slice, ...]:

@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from segpipe.errors import ConfigError, IngestError
-from segpipe.image_file import ImageFile
+from segpipe.image_file import DECODE_ERRORS, ImageFile
 from segpipe.sparse_mask import SparseMask
 
 
@@ -106,7 +106,7 @@ def open_image(path: Path) -> Image.Image:
     try:
         img = Image.open(path)
         img.load()
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except DECODE_ERRORS as exc:
         raise IngestError(path, f"corrupt or truncated image: {exc}") from exc
     return img
 
