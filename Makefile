@@ -12,7 +12,7 @@ export PREFECT_HOME := $(CURDIR)/.prefect
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 180
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: demo test flow install
+.PHONY: demo test test-fast flow install
 
 install: $(VENV)/.installed
 
@@ -33,3 +33,7 @@ flow: install
 
 test: install
 	python -m pytest
+
+# The edit loop: every test but the end-to-end ones marked `slow` (`make test` and CI run all).
+test-fast: install
+	python -m pytest -m "not slow"

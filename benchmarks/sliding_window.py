@@ -11,10 +11,11 @@ after it (a 3-class MONAI UNet, one thread):
     monai       the small image read into memory, MONAI sliding_window_inference (same roi, overlap,
                 gaussian blending, sw_batch_size), sigmoid, float16 and written to a store: the same
                 work, with glibc malloc as a MONAI script gets it
-    monai_tuned the same with malloc tuned as segpipe tunes it (segpipe.malloc), to show how much of
-                the difference that tuning makes
+    monai_tuned the same with malloc tuned as segpipe's stages start (tasks.common.MALLOC_ENV), to
+                show how much of the difference that tuning makes
     forward     the model's forward pass alone on the same tiles, same batch size, malloc tuned: the
                 fastest this model runs these tiles
+The tiled runs start with malloc tuned, as the stages do.
 Ratios: ratio_vs_forward = forward time / tiled time (1.0: tiling costs nothing beyond the model);
 speed_ratio_vs_monai = MONAI time / tiled time (and speed_ratio_vs_monai_tuned); rss_ratio_vs_monai = tiled RSS / MONAI RSS;
 rss_ratio_8192_vs_2048 = large RSS / small RSS (flat memory: close to 1).
@@ -36,11 +37,11 @@ from monai.inferers import sliding_window_inference
 
 from segpipe.config import InferConfig
 from segpipe.infer import cached_model, predict_store
-from segpipe.malloc import keep_freed_memory
 from segpipe.preprocess import frames_to_input, to_float16
 from segpipe.store import CaseStore
 from segpipe.tiling import Grid
 from segpipe.train import new_model, save_checkpoint
+from tasks.common import MALLOC_ENV
 
 CFG = InferConfig(overlap=0.25, mode="gaussian", batch_size=4)
 CHUNK = 512
@@ -88,8 +89,6 @@ def cold_then_timed(fn, repeats: int) -> dict:
 
 def child(kind: str, root: Path, size: int, repeats: int) -> dict:
     torch.set_num_threads(1)
-    if kind in ("forward", "monai_tuned"):  # the tiled run tunes it itself, in predict_store
-        keep_freed_memory()
     model, meta = cached_model(root / "model.pt", "cpu")
     tile = tuple(meta["image_size"])
     images = CaseStore(root / f"image{size}.zarr")
@@ -117,7 +116,8 @@ def child(kind: str, root: Path, size: int, repeats: int) -> dict:
 
 
 def measure(kind: str, root: Path, size: int, repeats: int) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    tuned = MALLOC_ENV if kind != "monai" else {}
+    env = {**{k: v for k, v in os.environ.items() if k not in MALLOC_ENV}, "OMP_NUM_THREADS": "1", **tuned}
     out = subprocess.run(
         [sys.executable, "-m", "benchmarks.sliding_window", "--child", kind, "--root", str(root), "--size", str(size), "--repeats", str(repeats)],
         check=True, capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parents[1],

@@ -105,7 +105,7 @@ def scaled_size(height: int, width: int, scale: float) -> tuple[int, int]:
 
 def scaled_masks(labels: CaseStore, case_id: str, frame: int | None, scale: float) -> np.ndarray:
     """(K, h, w) uint8 masks of one frame at `scale`, resized as inference and validation see them."""
-    masks = labels.reader(case_id, "mask")[_frame_index(frame)]
+    masks = labels.array(case_id, "mask")[_frame_index(frame)]
     return masks_to_target(masks[None], scaled_size(*masks.shape[-2:], scale))[0].to(torch.uint8).numpy()
 
 
@@ -137,7 +137,7 @@ class TileCrops:
             raise ConfigError(f"{labels.path}: no labelled frames in cases {case_ids[:5]}...")
 
     def _index(self, case_id: str, frame: int | None, cell: int) -> TileCase:
-        pixels = np.asarray(self.images.array(case_id, "image")[_frame_index(frame)])
+        pixels = np.asarray(self.images.image(case_id)[_frame_index(frame)])
         try:
             mean, std = image_statistics(pixels, self.in_channels, len(pixels))
         except ValueError as exc:
@@ -174,7 +174,7 @@ class TileCrops:
         eh, ew = self.extent
         y0, x0 = round(r0 / self.scale), round(c0 / self.scale)
         ys, xs = slice(max(y0, 0), min(y0 + eh, case.height)), slice(max(x0, 0), min(x0 + ew, case.width))
-        pixels = self.images.array(case.case_id, "image")[_frame_index(case.frame) + (ys, xs)]
+        pixels = self.images.image(case.case_id)[_frame_index(case.frame) + (ys, xs)]
         pixels = image_channels(np.asarray(pixels), self.in_channels)
         x = torch.zeros((self.in_channels, eh, ew))
         x[:, ys.start - y0 : ys.stop - y0, xs.start - x0 : xs.stop - x0] = (pixels - case.mean) / (case.std + 1e-6)
@@ -281,7 +281,7 @@ def validation_batches(
     batches = []
     for case_id in case_ids:
         for frame in frame_ids(images, labels, case_id):
-            pixels = np.asarray(images.array(case_id, "image")[_frame_index(frame)])[None]
+            pixels = np.asarray(images.image(case_id)[_frame_index(frame)])[None]
             x = resize(frames_to_input(pixels, data.in_channels), scaled_size(*pixels.shape[1:3], data.tile_scale))
             batches.append((x, torch.from_numpy(scaled_masks(labels, case_id, frame, data.tile_scale))[None]))
     if not batches:

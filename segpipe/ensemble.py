@@ -21,13 +21,12 @@ import numpy as np
 import torch
 import zarr
 
-from segpipe.atomic import atomic_dir
+from segpipe.atomic import Owner, atomic_dir
 from segpipe.config import EnsembleConfig
 from segpipe.errors import StoreError
 from segpipe.preprocess import to_float16, to_float32
 from segpipe.store import CaseStore, labelled_frames
 from segpipe.thresholds import bin_lookup, candidates, choose, dice_curves, fixed_choice, histograms
-from segpipe.zarr_files import StoredArray
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +137,7 @@ def blocks(array: zarr.Array, video: bool, batch_frames: int) -> Iterator[tuple[
         yield slice(0, 1), slice(r, min(r + step, height))
 
 
-def read_block(array: zarr.Array | StoredArray, video: bool, frames: slice, rows: slice) -> np.ndarray:
+def read_block(array: zarr.Array, video: bool, frames: slice, rows: slice) -> np.ndarray:
     """A (B, K, h, W) block, every class; an image is one frame."""
     return array[frames, :, rows] if video else array[:, rows][None]
 
@@ -163,7 +162,7 @@ def val_histograms(members: Members, labels: CaseStore, case_id: str, holders: l
                    batch_frames: int) -> np.ndarray:
     """(labelled frames, K, 2, bins) threshold histograms of one validation case's out-of-fold mean."""
     arrays, video = prob_arrays([members.stores[i] for i in holders], case_id)
-    mask = labels.reader(case_id, "mask")
+    mask = labels.array(case_id, "mask")
     if mask.shape != arrays[0].shape:
         raise StoreError(
             f"{labels.path}: case {case_id!r} mask shape {mask.shape} differs from the predictions' {arrays[0].shape}"
@@ -234,7 +233,7 @@ def ensemble_stores(
         "n_val_cases": len(members.val_holders()),
     }
     thresholds = np.array([c["threshold"] for c in choices], dtype=np.float32)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, Owner("ensemble", members.stores[0].attrs["dataset"])) as tmp:
         ensemble = CaseStore.create(tmp, dataset=members.stores[0].attrs["dataset"], classes=members.classes, **summary)
         for case_id in members.test_cases:
             write_ensemble_case(members, ensemble, case_id, thresholds, cfg.batch_frames)

@@ -22,5 +22,15 @@ class IngestError(SegpipeError):
         super().__init__(f"{self.path}: {reason}")
 
 
+class OutputError(SegpipeError):
+    """A stage cannot write an output where it was asked to: the path holds what is not the stage's
+    own earlier output (a user's files, the raw data, another stage's store), or cannot be made."""
+
+    def __init__(self, path: Path | str, reason: str):
+        self.path = Path(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
 class StoreError(SegpipeError):
     """A Zarr store does not follow segpipe's layout."""

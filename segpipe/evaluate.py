@@ -27,8 +27,8 @@ def pairs_vs_store(pred: CaseStore, reference: CaseStore, case_ids: list[str]) -
         video = reference.is_video(case_id)
         keep = labelled_frames(reference, case_id)
         yield (
-            frames_of(pred.reader(case_id, "mask")[...], video)[keep],
-            frames_of(reference.reader(case_id, "mask")[...], video)[keep],
+            frames_of(pred.read(case_id, "mask"), video)[keep],
+            frames_of(reference.read(case_id, "mask"), video)[keep],
         )
 
 
@@ -43,4 +43,4 @@ def pairs_vs_truth(
         attrs = images.case_attrs(case_id)
         true = np.load(truth / attrs["group"] / f"{case_id}.npy")[:, None]
         start = int(attrs.get("warmup_frames", 0))
-        yield pred.reader(case_id, "mask")[start:], true[start:]
+        yield pred.read(case_id, "mask")[start:], true[start:]

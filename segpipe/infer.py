@@ -33,10 +33,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from segpipe.atomic import atomic_dir
+from segpipe.atomic import Owner, atomic_dir
 from segpipe.config import InferConfig, tile_extent
 from segpipe.errors import StoreError
-from segpipe.malloc import keep_freed_memory
 from segpipe.preprocess import frames_to_input, image_channels, image_statistics, resize, to_float16
 from segpipe.store import CaseStore, WritesBehind, frames_of
 from segpipe.tiling import BandBlender, Grid, importance_map, row_bands
@@ -195,15 +194,14 @@ def cached_model(checkpoint: Path | str, device: str) -> tuple[nn.Module, dict[s
 
 def run_job(job: Job) -> str:
     """Predict one case (or band) of `job.images` into the already laid-out store at `job.out`."""
-    keep_freed_memory()
     model, meta = cached_model(job.checkpoint, job.device)
     images, out = CaseStore(job.images), CaseStore(job.out, mode="r+")
-    if job.rows is None:  # the whole image through CaseStore.reader, which names a file that does not decode
-        pixels, video = images.reader(job.case_id, "image")[...], images.is_video(job.case_id)
+    if job.rows is None:
+        pixels, video = np.asarray(images.image(job.case_id)), images.is_video(job.case_id)
         probs = predict_frames(model, frames_of(pixels, video), meta, job.cfg, torch.device(job.device))
         out.write_array(job.case_id, "prob", probs if video else probs[0])
     else:
-        image, prob = images.array(job.case_id, "image"), out.array(job.case_id, "prob")
+        image, prob = images.image(job.case_id), out.array(job.case_id, "prob")
         predict_tiled(model, meta, image, prob, job.cfg, torch.device(job.device), job.rows, prob.chunks[-2])
     log.info("predicted %s rows %s", job.case_id, job.rows or "all")
     return job.case_id
@@ -223,11 +221,12 @@ def plan_jobs(
         if meta_tile_extent(meta) is None:
             jobs.append(job)
             continue
-        image = images.array(case_id, "image")
+        image = images.image(case_id)
         if images.is_video(case_id) or image.ndim not in (2, 3):
             raise StoreError(f"{images.path}: case {case_id!r}: tiled inference takes 2-D images, "
                              f"got {'a video' if images.is_video(case_id) else image.shape}")
-        height, chunk = image.shape[0], image.chunks[0]
+        # Bands of the image's chunk rows; an image kept as its file (decoded whole) is one band.
+        height, chunk = image.shape[0], getattr(image, "chunks", image.shape)[0]
         store.create_banded(case_id, "prob", (len(meta["classes"]),) + image.shape[:2], "float16", False, chunk)
         jobs += [replace(job, rows=band) for band in row_bands(height, chunk, cfg.band_rows)]
     return jobs
@@ -247,7 +246,7 @@ def predict_store(
     checkpoint's meta (incl. val_dice) in the store attrs as `model`. With a Dask client, the
     jobs run on its workers, each writing its own case or chunk rows straight into the store."""
     _, meta = cached_model(checkpoint, "cpu")
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, Owner("infer", images.attrs["dataset"])) as tmp:
         store = CaseStore.create(tmp, dataset=images.attrs["dataset"], classes=meta["classes"], model=meta)
         jobs = plan_jobs(checkpoint, images, roles, store, cfg, device)
         if client is None:

@@ -41,11 +41,9 @@ from typing import Any
 from distributed import Client, as_completed, wait
 
 import segpipe.datasets
-import segpipe.image_file
-import segpipe.sparse_mask
+import segpipe.encoded_image
 import segpipe.store
-import segpipe.zarr_files
-from segpipe.atomic import atomic_dir
+from segpipe.atomic import Owner, atomic_dir
 from segpipe.config import IngestConfig
 from segpipe.datasets import CaseData, RawCase, reader, sha256
 from segpipe.errors import IngestError, SegpipeError
@@ -124,12 +122,14 @@ def ingest(dataset: str, raw: Path, out: Path, cfg: IngestConfig, client: Client
     report.removed = sorted(set(previous.hashes) - present) if previous else []
     report.changed = [case.case_id for case in todo if previous and case.case_id in previous.hashes]
     report.unchanged = len(unchanged)
-    attrs = {"dataset": dataset, "classes": module.CLASSES, "ingest": cfg.model_dump(), "code": code}
+    owner = Owner("ingest", dataset)  # its mark is one of the attrs an up-to-date store has
+    attrs = {"dataset": dataset, "classes": module.CLASSES, "ingest": cfg.model_dump(), "code": code,
+             **owner.store_attrs()}
     if previous and not todo and not report.removed and previous.store.attrs == _root_attrs(attrs, report):
         log.info("%s: store %s is up to date (%d cases)", dataset, out, report.unchanged)
         return report
 
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, owner) as tmp:
         store = CaseStore.create(tmp, **attrs)
         for case in unchanged:
             store.link_case(previous.store, case.case_id)
@@ -287,7 +287,7 @@ def _root_attrs(attrs: dict[str, Any], report: IngestReport) -> dict[str, Any]:
 def code_sources(module: ModuleType) -> list[Path]:
     """The sources that decide a case's stored bytes and attrs, for the reader `module`: the ingest
     stage in dvc.yaml depends on each, so that changing one reruns it."""
-    modules = (module, segpipe.datasets, segpipe.store, segpipe.zarr_files, segpipe.sparse_mask, segpipe.image_file)
+    modules = (module, segpipe.datasets, segpipe.store, segpipe.encoded_image)
     return [Path(inspect.getsourcefile(m)) for m in modules] + [Path(__file__)]
 
 

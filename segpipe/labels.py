@@ -8,14 +8,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from segpipe.atomic import atomic_dir
+from segpipe.atomic import Owner, atomic_dir
 from segpipe.store import CaseStore
 
 
 def copy_labels(images: CaseStore, out: Path) -> dict:
     """Write the masks of every labelled case of an ingest store into a labels store at `out`."""
     labelled = [c for c in images.case_ids() if images.has(c, "mask")]
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, Owner("labels", images.attrs["dataset"])) as tmp:
         store = CaseStore.create(tmp, dataset=images.attrs["dataset"], classes=images.classes, origin="ingest")
         for case_id in labelled:  # the same files: linked, not read and written again
             store.write_case(case_id, images.case_attrs(case_id))

@@ -5,33 +5,15 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from distributed import Client, LocalCluster, WorkerPlugin
+from distributed import Client, LocalCluster
 
 from segpipe.config import DaskConfig
-from segpipe.malloc import keep_freed_memory
-
-
-class KeepFreedMemory(WorkerPlugin):
-    """Every worker, present or joining later, keeps freed memory for reuse (segpipe.malloc).
-    Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=64 KiB, so each decoded image faulted
-    its pages in afresh: decoding a real Kvasir case took 8-10 ms on a worker, 3.6-4.5 ms with this
-    (2 ms in a plain process)."""
-
-    def setup(self, worker: object) -> None:
-        keep_freed_memory()
 
 
 @contextmanager
 def dask_client(cfg: DaskConfig) -> Iterator[Client]:
-    """A client for the configured scheduler, its workers tuned by KeepFreedMemory; a LocalCluster
-    started here is closed on exit."""
-    with _connect(cfg) as client:
-        client.register_plugin(KeepFreedMemory(), name=KeepFreedMemory.__name__)
-        yield client
-
-
-@contextmanager
-def _connect(cfg: DaskConfig) -> Iterator[Client]:
+    """A client for the configured scheduler; a LocalCluster started here is closed on exit. Its
+    workers start with the environment of Dask's config `distributed.nanny.pre-spawn-environ`."""
     if cfg.scheduler:
         with Client(cfg.scheduler) as client:
             yield client

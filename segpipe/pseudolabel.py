@@ -28,7 +28,7 @@ from scipy import ndimage
 from skimage.filters import threshold_multiotsu
 from skimage.graph import MCP_Geometric
 
-from segpipe.atomic import atomic_dir
+from segpipe.atomic import Owner, atomic_dir
 from segpipe.config import PseudolabelConfig
 from segpipe.store import VIDEO, CaseStore
 
@@ -227,7 +227,7 @@ def pseudolabel_store(images: CaseStore, out: Path, cfg: PseudolabelConfig) -> C
     (T,) uint8, 1 where the frame is past warm-up and confident enough to train on. Its quality
     is summarised by segpipe.pseudolabel_report.
     """
-    with atomic_dir(Path(out)) as tmp:
+    with atomic_dir(Path(out), Owner("labels", images.attrs.get("dataset", "unknown"))) as tmp:
         store = CaseStore.create(
             tmp, dataset=images.attrs.get("dataset", "unknown"), classes=CLASSES, origin="pseudolabel",
             pseudolabel=cfg.model_dump(),
@@ -237,7 +237,7 @@ def pseudolabel_store(images: CaseStore, out: Path, cfg: PseudolabelConfig) -> C
             if attrs.get("kind") != VIDEO:
                 log.warning("%s: case %s is not a video, not pseudo-labelled", images.path, case_id)
                 continue
-            frames = np.asarray(images.array(case_id, "image")[:])
+            frames = images.read(case_id, "image")
             warmup = min(int(attrs.get("warmup_frames", 0)), len(frames))
             masks, confidence = label_video(frames, warmup, cfg)
             keep = write_labelled_video(store, case_id, attrs, masks[:, None], confidence, warmup, cfg.min_confidence)

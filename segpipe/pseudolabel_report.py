@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
-from segpipe.atomic import atomic_dir, write_json
+from segpipe.atomic import Owner, atomic_dir, write_json
 from segpipe.preprocess import masks_to_target, resize
 from segpipe.pseudolabel import dice
 from segpipe.store import CaseStore, labelled_frames
@@ -201,7 +201,7 @@ def write_report(labels: CaseStore, images: CaseStore, out: Path, truth: Path | 
     report = quality(labels, truth)
     if rounds:
         report["rounds"] = rounds_quality(rounds, truth)
-    with atomic_dir(Path(out)) as tmp:
+    with atomic_dir(Path(out), Owner("labels", labels.attrs.get("dataset", "unknown"))) as tmp:
         for case_id in labels.case_ids():
             attrs = labels.case_attrs(case_id)
             sheet = montage(

@@ -98,7 +98,7 @@ def strata_of(labels: CaseStore, case_ids: list[str], how: str, bins: int = 3) -
         return {}
 
     def masks(case_id: str) -> np.ndarray:  # read one case at a time: a hand's masks are 121 MB
-        return frames_of(np.asarray(labels.reader(case_id, "mask")), labels.is_video(case_id))
+        return frames_of(labels.read(case_id, "mask"), labels.is_video(case_id))
 
     if how == "class_count":
         return {c: f"{int(masks(c).any(axis=(0, 2, 3)).sum())}_classes" for c in case_ids}

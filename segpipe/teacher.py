@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from segpipe import models
-from segpipe.atomic import atomic_dir
+from segpipe.atomic import Owner, atomic_dir
 from segpipe.config import DatasetConfig, InferConfig, PseudolabelConfig, StudentConfig
 from segpipe.data import training_set, validation_batches
 from segpipe.errors import ConfigError
@@ -62,7 +62,7 @@ def refine(images: CaseStore, out: Path, cfg: PseudolabelConfig, data: DatasetCo
     stores of every round, in order."""
     if cfg.rounds and data.tile_scale is not None:
         raise ConfigError("pseudolabel.rounds: teacher-student rounds need whole-frame models (tile_scale: null)")
-    with atomic_dir(Path(out)) as tmp:
+    with atomic_dir(Path(out), Owner("labels", images.attrs.get("dataset", "unknown"))) as tmp:
         teacher = pseudolabel_store(images, tmp / "round0.zarr", cfg)
         for r in range(1, cfg.rounds + 1):
             teacher = student_round(images, teacher, tmp, r, cfg, data, device)
@@ -128,12 +128,12 @@ def relabel(images: CaseStore, case_ids: list[str], model: nn.Module, meta: dict
             cfg: PseudolabelConfig, device: torch.device, student: dict[str, Any]) -> CaseStore:
     """The student's labels of every steady-state frame, laid out as segpipe.pseudolabel's store."""
     infer = InferConfig(batch_size=cfg.student.batch_size)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, Owner("labels", images.attrs.get("dataset", "unknown"))) as tmp:
         store = CaseStore.create(tmp, dataset=images.attrs.get("dataset", "unknown"), classes=CLASSES,
                                  origin="teacher_student", pseudolabel=cfg.model_dump(), student=student)
         for case_id in case_ids:
             attrs = images.case_attrs(case_id)
-            frames = np.asarray(images.array(case_id, "image")[:])
+            frames = images.read(case_id, "image")
             warmup = min(int(attrs.get("warmup_frames", 0)), len(frames))
             masks = np.zeros((len(frames), 1) + frames.shape[1:3], np.uint8)
             confidence = np.zeros(len(frames), np.float32)
@@ -156,7 +156,7 @@ def crispness(prob: np.ndarray) -> np.ndarray:
 def link_store(source: CaseStore, out: Path) -> CaseStore:
     """A copy of `source` at `out` (replaced atomically) made of hard links: the final round becomes
     the labels store without rewriting a byte."""
-    with atomic_dir(Path(out)) as tmp:
+    with atomic_dir(Path(out), Owner("labels", source.attrs.get("dataset", "unknown"))) as tmp:
         store = CaseStore.create(tmp, **source.attrs)
         for case_id in source.case_ids():
             store.link_case(source, case_id)

@@ -26,7 +26,6 @@ from segpipe import losses, models
 from segpipe.config import TrainConfig
 from segpipe.data import TrainingSet
 from segpipe.errors import ConfigError
-from segpipe.malloc import keep_freed_memory
 from segpipe.metrics import confusion, scores
 
 log = logging.getLogger(__name__)
@@ -217,7 +216,6 @@ def fit(
     an uninterrupted run gives. `progress(done_steps, total_steps)` is called after every step.
     """
     seed_everything(cfg.seed)
-    keep_freed_memory()
     model.to(device)
     amp = cfg.amp and device.type == "cuda"
     loss_fn = losses.build(cfg.loss, cfg.loss_options)

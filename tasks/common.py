@@ -1,4 +1,5 @@
-"""What every stage shares: default paths, params loading, offline settings, error reporting."""
+"""What every stage shares: default paths, params loading, offline settings, error reporting, and
+the checks of output paths that every stage makes before any work."""
 from __future__ import annotations
 
 import argparse
@@ -8,8 +9,11 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import dask
+
+from segpipe.atomic import Owner, check_parent, check_replaceable
 from segpipe.config import DATASET_NAMES, Params, load_params
-from segpipe.errors import SegpipeError
+from segpipe.errors import OutputError, SegpipeError
 
 PARAMS = Path("params.yaml")
 INTERIM = Path("data/interim")
@@ -27,6 +31,14 @@ OFFLINE_ENV = {
 }
 for _key, _value in OFFLINE_ENV.items():
     os.environ.setdefault(_key, _value)
+
+# glibc malloc tuned for loops that allocate the same large arrays over and over (a decoded image per
+# case, a model's activations per batch): freed blocks are kept for reuse, not handed back to the kernel
+# to be faulted in and zeroed again. Dask's nanny starts its workers with MALLOC_TRIM_THRESHOLD_=64 KiB;
+# these replace it for the workers this process starts. A process's own malloc reads them when it starts,
+# so the stage commands get them from dvc.yaml (its `malloc` var; docs/architecture.md, "Memory").
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(2**30)}
+dask.config.set({f"distributed.nanny.pre-spawn-environ.{key}": value for key, value in MALLOC_ENV.items()})
 
 
 def store_path(dataset: str) -> Path:
@@ -86,3 +98,39 @@ def run(main: Callable[[argparse.Namespace], None], args: argparse.ArgumentParse
 
 def params_of(ns: argparse.Namespace) -> Params:
     return load_params(ns.params)
+
+
+# Output checks: a stage calls them on every output path before any work, so that a mistyped path
+# fails first, in one line, rather than after hours of work or after another output was replaced.
+
+
+def output_file(path: Path) -> Path:
+    """`path`, once sure that a stage can write a file there: not a folder, and its folder can be made."""
+    if path.is_dir():
+        raise OutputError(path, "is a folder; expected the path of a file to write")
+    check_parent(path)
+    return path
+
+
+def output_dir(path: Path, owner: Owner) -> Path:
+    """`path`, once sure that `owner`'s output folder may replace what is there (segpipe.atomic)."""
+    check_replaceable(path, owner)
+    return path
+
+
+def output_folder(path: Path) -> Path:
+    """`path`, once sure that a stage can write into a folder there in place (DVCLive's metrics)."""
+    if path.exists() and not path.is_dir():
+        raise OutputError(path, "is a file; expected a folder to write into")
+    check_parent(path)
+    return path
+
+
+def apart_from_input(out: Path, source: Path) -> None:
+    """Refuse an output that is, lies inside or contains the input `source`: an output is replaced
+    whole, so writing it would delete the input, or part of it."""
+    o, s = out.resolve(), source.resolve()
+    where = ("is the input folder" if o == s else "lies inside the input folder" if s in o.parents
+             else "contains the input folder" if o in s.parents else None)
+    if where:
+        raise OutputError(out, f"{where} {source}; choose an output path apart from it")

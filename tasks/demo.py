@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from segpipe.atomic import Owner
 from segpipe.datasets.demo import generate
 from tasks import common
 
@@ -17,7 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(ns: argparse.Namespace) -> None:
-    generate(ns.out, common.params_of(ns).demo)
+    generate(common.output_dir(ns.out, Owner("demo")), common.params_of(ns).demo)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from segpipe.atomic import write_json
+from segpipe.atomic import Owner, write_json
 from segpipe.ensemble import ensemble_stores
 from segpipe.store import CaseStore
 from tasks import common
@@ -25,10 +25,11 @@ def main(ns: argparse.Namespace) -> None:
     members = ns.members or [
         common.member_path(ns.dataset, arch, k) for arch in params.train.archs for k in params.train.folds
     ]
-    out = ns.out or common.PREDICTIONS / ns.dataset / "ensemble.zarr"
+    owner = Owner("ensemble", CaseStore(members[0]).attrs["dataset"])  # as segpipe.ensemble marks its store
+    out = common.output_dir(ns.out or common.PREDICTIONS / ns.dataset / "ensemble.zarr", owner)
+    report = common.output_file(ns.report or common.REPORTS / ns.dataset / "ensemble.json")
     labels = CaseStore(ns.labels or common.labels_path(ns.dataset))
     summary = ensemble_stores(members, out, cfg, labels)
-    report = ns.report or common.REPORTS / ns.dataset / "ensemble.json"
     write_json(report, summary)
     tuned = sum(c["source"] == "tuned" for c in summary["thresholds"].values())
     print(

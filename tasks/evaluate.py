@@ -22,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(ns: argparse.Namespace) -> None:
     params = common.params_of(ns)
     data_cfg = params.dataset(ns.dataset)
+    out = common.output_file(ns.out or common.REPORTS / ns.dataset / "metrics.json")
     pred = CaseStore(ns.predictions or common.PREDICTIONS / ns.dataset / "ensemble.zarr")
     labels = CaseStore(ns.labels or common.labels_path(ns.dataset))
     cases = read_split(ns.split or common.SPLITS / f"{ns.dataset}.json").test
@@ -31,7 +32,6 @@ def main(ns: argparse.Namespace) -> None:
     if data_cfg.truth is not None:
         images = CaseStore(ns.images or common.store_path(ns.dataset))
         metrics["vs_truth"] = score_pairs(pairs_vs_truth(pred, images, cases, data_cfg.truth), labels.classes)
-    out = ns.out or common.REPORTS / ns.dataset / "metrics.json"
     write_json(out, metrics)
     headline = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
     truth = f", vs truth dice {metrics['vs_truth']['dice']:.4f}" if "vs_truth" in metrics else ""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from segpipe.atomic import Owner
 from segpipe.device import resolve_device
 from segpipe.infer import predict_store
 from segpipe.parallel import dask_client
@@ -22,12 +23,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(ns: argparse.Namespace) -> None:
     params = common.params_of(ns)
+    images = CaseStore(ns.images or common.store_path(ns.dataset))
+    owner = Owner("infer", images.attrs["dataset"])  # the data's dataset, as segpipe.infer marks its store
+    out = common.output_dir(ns.out or common.member_path(ns.dataset, ns.arch, ns.fold), owner)
     device = str(resolve_device(params.device))
     checkpoint = ns.model or common.model_dir(ns.dataset, ns.arch, ns.fold) / "best.pt"
-    images = CaseStore(ns.images or common.store_path(ns.dataset))
     split = read_split(ns.split or common.SPLITS / f"{ns.dataset}.json")
     roles = {**{case: "val" for case in split.fold(ns.fold).val}, **{case: "test" for case in split.test}}
-    out = ns.out or common.member_path(ns.dataset, ns.arch, ns.fold)
     with dask_client(params.dask) as client:
         predict_store(checkpoint, images, roles, out, params.infer, device, client)
     print(f"infer {ns.dataset}/{ns.arch}/fold{ns.fold}: {len(roles) - len(split.test)} val + "

@@ -14,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from segpipe.atomic import atomic_dir, write_json
+from segpipe.atomic import Owner, atomic_dir, write_json
 from segpipe.device import resolve_device
 from segpipe.labels import copy_labels
 from segpipe.pseudolabel_report import write_report
@@ -38,9 +38,11 @@ def main(ns: argparse.Namespace) -> None:
     params = common.params_of(ns)
     data_cfg = params.dataset(ns.dataset)
     images = CaseStore(ns.images or common.store_path(ns.dataset))
-    out = ns.out or common.labels_path(ns.dataset)
-    quality = ns.quality or common.REPORTS / ns.dataset / "pseudolabels"
-    rounds_dir = ns.rounds_dir or out.with_suffix(".rounds")
+    owner = Owner("labels", images.attrs["dataset"])  # the data's dataset, as segpipe.labels marks its store
+    out = common.output_dir(ns.out or common.labels_path(ns.dataset), owner)
+    quality = common.output_dir(ns.quality or common.REPORTS / ns.dataset / "pseudolabels", owner)
+    rounds_dir = common.output_dir(ns.rounds_dir or out.with_suffix(".rounds"), owner)
+    report_path = common.output_file(ns.report or common.REPORTS / ns.dataset / "labels.json")
     if data_cfg.labels == "pseudolabel":
         rounds = refine(images, rounds_dir, params.pseudolabel, data_cfg, resolve_device(params.device))
         labels = link_store(rounds[-1], out)
@@ -49,17 +51,17 @@ def main(ns: argparse.Namespace) -> None:
         summary = {"origin": "pseudolabel", **report["summary"]}
     else:
         summary = copy_labels(images, out)
-        _write_nothing_pseudolabelled(quality, rounds_dir, ns.dataset, summary)
-    write_json(ns.report or common.REPORTS / ns.dataset / "labels.json", summary)
+        _write_nothing_pseudolabelled(quality, rounds_dir, ns.dataset, summary, owner)
+    write_json(report_path, summary)
     print(f"labels {ns.dataset}: {json.dumps(summary)} -> {out}")
 
 
-def _write_nothing_pseudolabelled(folder: Path, rounds_dir: Path, dataset: str, summary: dict) -> None:
+def _write_nothing_pseudolabelled(folder: Path, rounds_dir: Path, dataset: str, summary: dict, owner: Owner) -> None:
     """The stage's quality and rounds folders exist for every dataset (DVC declares them per stage);
     these say that the masks were given."""
-    with atomic_dir(rounds_dir) as tmp:
+    with atomic_dir(rounds_dir, owner) as tmp:
         (tmp / "README.md").write_text(f"No pseudo-label rounds: the masks of {dataset} come with the data.\n")
-    with atomic_dir(folder) as tmp:
+    with atomic_dir(folder, owner) as tmp:
         write_json(tmp / "pseudolabels.json", {"pseudolabelled": False, **summary})
         (tmp / "pseudolabels.md").write_text(
             f"# Pseudo-label quality: {dataset}\n\nNothing is pseudo-labelled: the masks of the "

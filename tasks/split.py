@@ -19,11 +19,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(ns: argparse.Namespace) -> None:
     cfg = common.params_of(ns).split
+    out = common.output_file(ns.out or common.SPLITS / f"{ns.dataset}.json")
     labels = CaseStore(ns.labels or common.labels_path(ns.dataset))
     groups = {c: labels.case_attrs(c)["group"] for c in labels.case_ids() if labels.has(c, "mask")}
     strata = strata_of(labels, sorted(groups), cfg.stratify_for(ns.dataset), cfg.area_bins)
     split = make_split(groups, cfg.k, cfg.seed, cfg.test_fraction, strata)
-    out = ns.out or common.SPLITS / f"{ns.dataset}.json"
     write_json(out, split.to_json())
     sizes = ", ".join(f"fold{i} {len(f.val)}" for i, f in enumerate(split.folds))
     print(f"split {ns.dataset}: {len(groups)} cases, {len(set(strata.values())) or 1} strata, "

@@ -10,7 +10,7 @@ from dvclive import Live
 from tqdm import tqdm
 
 from segpipe import augment, models
-from segpipe.atomic import resumable_dir
+from segpipe.atomic import Owner, resumable_dir
 from segpipe.data import training_set, validation_batches
 from segpipe.device import resolve_device
 from segpipe.splits import read_split
@@ -51,6 +51,9 @@ def drop_torn_live_summary(metrics_dir: Path) -> None:
 
 def main(ns: argparse.Namespace) -> None:
     params = common.params_of(ns)
+    owner = Owner("train", ns.dataset)
+    out = common.output_dir(ns.out or common.model_dir(ns.dataset, ns.arch, ns.fold), owner)
+    metrics_dir = common.output_folder(ns.metrics or common.REPORTS / ns.dataset / "train" / f"{ns.arch}-fold{ns.fold}")
     data_cfg, cfg = params.dataset(ns.dataset), params.train.for_dataset(ns.dataset)
     models.check_input_size(ns.arch, cfg.channels, data_cfg.image_size)
     images = CaseStore(ns.images or common.store_path(ns.dataset))
@@ -66,12 +69,10 @@ def main(ns: argparse.Namespace) -> None:
         "encoder": cfg.encoder, "tile_scale": data_cfg.tile_scale,
     }
     model = new_model(meta, cfg.seed, cfg.encoder_weights)
-    metrics_dir = ns.metrics or common.REPORTS / ns.dataset / "train" / f"{ns.arch}-fold{ns.fold}"
-    out = ns.out or common.model_dir(ns.dataset, ns.arch, ns.fold)
     if ns.resume:
         drop_torn_live_summary(metrics_dir)
     with (
-        resumable_dir(out, ns.resume) as work,
+        resumable_dir(out, ns.resume, owner) as work,
         Live(str(metrics_dir), save_dvc_exp=False, dvcyaml=None, resume=ns.resume) as live,
         progress_bar(f"train {ns.dataset}/{ns.arch}/fold{ns.fold}") as bar,
     ):

@@ -8,8 +8,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from segpipe.config import DaskConfig, IngestConfig
 from segpipe.datasets import kvasir, reader
 from segpipe.errors import ConfigError, IngestError
+from segpipe.ingest import ingest
+from segpipe.parallel import dask_client
+from segpipe.store import CaseStore
 from tests.conftest import SHARED_DATA, needs_shared_data
 
 REAL = SHARED_DATA / "kvasir-seg"
@@ -47,7 +51,7 @@ def test_ingest_keeps_the_image_file_which_decodes_to_the_pixels_a_loader_reads(
     for case in kvasir.list_cases(REAL)[:40]:
         kept, decoded = kvasir.load_case(case), kvasir.decode_case(case)
         assert kept.image.content == case.source.read_bytes()
-        np.testing.assert_array_equal(np.asarray(kept.image), decoded.image)
+        np.testing.assert_array_equal(kept.image.pixels(), decoded.image)
         np.testing.assert_array_equal(decoded.image, np.asarray(Image.open(case.source).convert("RGB")))
         np.testing.assert_array_equal(kept.mask, decoded.mask)
         assert kept.attrs == decoded.attrs
@@ -65,7 +69,7 @@ def test_case_id_and_group_are_the_file_stem(tmp_path):
     cases = kvasir.list_cases(tmp_path)
     assert [(c.case_id, c.group) for c in cases] == [("a", "a"), ("b", "b")]
     data = kvasir.load_case(cases[0])
-    assert data.image.shape == (40, 48, 3) and data.image.dtype == np.uint8
+    assert data.image.shape == (40, 48, 3) and data.image.pixels().dtype == np.uint8
     assert data.mask[0, 10:20, 12:24].all() and data.mask.sum() == 10 * 12
     assert data.attrs["bboxes"] == []
 
@@ -126,6 +130,35 @@ def test_with_a_bbox_json_every_image_needs_an_entry_and_spare_entries_are_logge
     assert [case.case_id for case in scan.cases] == ["a", "c"]
     assert [str(p) for p in scan.problems] == [f"{tmp_path / 'images/b.jpg'}: no entry in kavsir_bboxes.json"]
     assert f"{tmp_path / kvasir.BBOXES}: no image in images/ for 1 of its entries (not ingested): ghost" in caplog.text
+
+
+MALFORMED_BBOXES = {"unreadable JSON": ("{not json", "unreadable JSON"),
+                    "not an object": ("[1, 2]", "expected an object keyed by case id")}
+
+
+@pytest.mark.parametrize("kind", MALFORMED_BBOXES)
+def test_a_malformed_bbox_json_is_one_problem_naming_it_and_the_cases_are_read_without_entries(tmp_path, kind):
+    text, problem = MALFORMED_BBOXES[kind]
+    for stem in ("a", "b"):
+        write_pair(tmp_path, stem)
+    (tmp_path / kvasir.BBOXES).write_text(text)
+    scan = kvasir.scan(tmp_path)
+    assert [str(p).split(": ")[:2] for p in scan.problems] == [[str(tmp_path / kvasir.BBOXES), problem]]
+    assert [(case.case_id, case.meta) for case in scan.cases] == [("a", {}), ("b", {})]
+    assert kvasir.load_case(scan.cases[0]).attrs["bboxes"] == []
+    with pytest.raises(IngestError, match=problem):  # what the `fail` policy raises
+        kvasir.list_cases(tmp_path)
+
+
+def test_with_on_error_skip_a_malformed_bbox_json_is_one_skipped_entry_and_every_case_is_ingested(tmp_path):
+    for stem in ("a", "b"):
+        write_pair(tmp_path / "raw", stem)
+    (tmp_path / "raw" / kvasir.BBOXES).write_text("{not json")
+    with dask_client(DaskConfig(n_workers=1)) as client:
+        report = ingest("kvasir", tmp_path / "raw", tmp_path / "k.zarr", IngestConfig(on_error="skip"), client)
+    assert (report.found, report.ingested, [s["source"] for s in report.skipped]) == (3, 2, [kvasir.BBOXES])
+    store = CaseStore(tmp_path / "k.zarr")
+    assert [store.case_attrs(c)["bboxes"] for c in store.case_ids()] == [[], []]
 
 
 @pytest.mark.parametrize("box", [{"xmin": 1, "ymin": 2, "xmax": 49, "ymax": 4},  # past the right edge

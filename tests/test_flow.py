@@ -19,6 +19,8 @@ import yaml
 
 from flows.graph import UnknownTargetError, read_graph, select, topological_order
 
+# The tests that run the flow (a Prefect server, real `dvc repro`) are marked slow; reading the
+# graph is not.
 # DVC's own internals (its outputs trie) warn on every index read; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:_NoneStep.value:DeprecationWarning")
 
@@ -168,6 +170,7 @@ def test_graph_has_dvc_yaml_edges_and_targets_pull_in_upstream(tmp_path):
         select(graph, ["nope"])
 
 
+@pytest.mark.slow
 def test_flow_runs_every_stage_and_leaves_dvc_status_clean(first_run):
     repo, summary = first_run
     assert summary == dict.fromkeys(ALL_STAGES, "ran")
@@ -176,6 +179,7 @@ def test_flow_runs_every_stage_and_leaves_dvc_status_clean(first_run):
     assert locked_stages(repo) == set(ALL_STAGES)
 
 
+@pytest.mark.slow
 def test_independent_matrix_items_run_concurrently_up_to_max_parallel(first_run):
     repo, _ = first_run
     spans = [interval(repo, item) for item in ITEMS]
@@ -185,6 +189,7 @@ def test_independent_matrix_items_run_concurrently_up_to_max_parallel(first_run)
     assert max(sum(s <= t < e for s, e in spans) for t, _ in spans) <= 2
 
 
+@pytest.mark.slow
 def test_changing_a_param_reruns_exactly_the_stages_that_depend_on_it(flows_pipeline, tmp_path):
     repo = make_repo(tmp_path / "repo", sleep=0.0)
     assert flows_pipeline.pipeline(repo=str(repo), retries=0) == dict.fromkeys(ALL_STAGES, "ran")
@@ -204,6 +209,7 @@ def test_changing_a_param_reruns_exactly_the_stages_that_depend_on_it(flows_pipe
     assert summary == {"source": "up to date", "work@a": "restored"}
 
 
+@pytest.mark.slow
 def test_failing_stage_fails_the_flow_by_name_and_skips_downstream(flows_pipeline, tmp_path):
     repo = make_repo(tmp_path / "repo", sleep=0.0, fail="c")
 
@@ -219,6 +225,7 @@ def test_failing_stage_fails_the_flow_by_name_and_skips_downstream(flows_pipelin
     assert locked_stages(repo) == {"source", "work@a", "work@b", "work@d"}
 
 
+@pytest.mark.slow
 def test_cli_runs_targets_against_its_own_temporary_server(tmp_path):
     repo = make_repo(tmp_path / "repo")
     env = {**os.environ, **OFFLINE_ENV, "PREFECT_HOME": str(tmp_path / "prefect-home")}
@@ -233,6 +240,7 @@ def test_cli_runs_targets_against_its_own_temporary_server(tmp_path):
     assert locked_stages(repo) == {"source"}
 
 
+@pytest.mark.slow
 def test_serve_builds_a_cron_deployment_of_the_flow(flows_pipeline):
     params = {"repo": "/data/segpipe", "targets": None, "max_parallel": 4, "retries": 1,
               "verify": True}

@@ -203,5 +203,5 @@ def test_writes_behind_land_in_zarr_and_a_failed_write_is_raised(tmp_path):
         for r in range(0, 64, 16):
             writes.write((slice(None), slice(r, r + 16)), bands[:, r : r + 16])
     assert np.array_equal(store.array("c", "prob")[:], bands)
-    with pytest.raises(ValueError), WritesBehind(out) as writes:
-        writes.write((slice(None), slice(0, 16)), bands[:, :8])  # 8 rows into 16
+    with pytest.raises((ValueError, IndexError), match="8"), WritesBehind(out) as writes:
+        writes.write((slice(None), slice(0, 16)), bands[:, :8])  # 8 rows into 16: zarr's own error

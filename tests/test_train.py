@@ -206,7 +206,7 @@ def test_a_crop_reads_only_the_chunks_it_covers(tmp_path, caplog, corner, chunks
     caplog.clear()
     with caplog.at_level(logging.INFO):
         crops.read(crops.cases[0], *corner)
-    shard_reads = [m for m in caplog.messages if m.strip().startswith("Calling LocalStore.get(c0/image/c.")]
+    shard_reads = [m for m in caplog.messages if m.strip().startswith("Calling LocalStore.get(c0/image/c/")]
     # One read of the shard's index, then one per 64-px chunk the 128-px crop covers, of 64 in the shard;
     # the masks come from the cache at tile_scale.
     assert len(shard_reads) == 1 + chunks
@@ -270,6 +270,7 @@ def _finished_epoch(work: Path) -> int:
         return -1
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumed_ends_with_the_weights_of_an_uninterrupted_run(disc_stores, tmp_path):
     args = _stage_inputs(disc_stores, tmp_path)
     whole, killed = _train(args, tmp_path / "whole"), _train(args, tmp_path / "killed")

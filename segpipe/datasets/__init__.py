@@ -14,6 +14,7 @@ than raised, so that ingest with `on_error: skip` can list them and still ingest
 from __future__ import annotations
 
 import hashlib
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -22,9 +23,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from segpipe.encoded_image import DECODE_ERRORS, EncodedImage, decode_error
 from segpipe.errors import ConfigError, IngestError
-from segpipe.image_file import DECODE_ERRORS, ImageFile
-from segpipe.sparse_mask import SparseMask
 
 
 @dataclass(frozen=True)
@@ -49,8 +49,8 @@ class RawCase:
 class CaseData:
     """One decoded case: what ingest writes to the store."""
 
-    image: np.ndarray | ImageFile  # an image kept as its file (Kvasir: segpipe.image_file)
-    mask: np.ndarray | SparseMask | None
+    image: np.ndarray | EncodedImage  # an image kept as its file (Kvasir: segpipe.encoded_image)
+    mask: np.ndarray | None
     attrs: dict[str, Any]
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
 
@@ -82,8 +82,13 @@ def require_dir(path: Path) -> Path:
 
 
 def visible(folder: Path) -> list[Path]:
-    """Entries of a folder, sorted, minus dotfiles (.DS_Store and the like carry no data)."""
-    return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    """Entries of a folder, sorted, minus dotfiles (.DS_Store and the like carry no data). A folder
+    that cannot be listed (no read permission) is an IngestError naming it: what it holds is unknown,
+    so it cannot be skipped as one bad case."""
+    try:
+        return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    except OSError as exc:
+        raise IngestError(folder, f"cannot list: {exc.strerror or exc}") from exc
 
 
 def split_by_suffix(folder: Path, suffixes: set[str]) -> tuple[dict[str, Path], list[IngestError]]:
@@ -104,11 +109,27 @@ def split_by_suffix(folder: Path, suffixes: set[str]) -> tuple[dict[str, Path], 
 def open_image(path: Path) -> Image.Image:
     """Open and fully decode an image, so a corrupt or truncated file fails here, by name."""
     try:
-        img = Image.open(path)
+        content = path.read_bytes()
+    except OSError as exc:
+        raise IngestError(path, f"unreadable: {exc.strerror or exc}") from exc
+    try:
+        img = Image.open(io.BytesIO(content))
         img.load()
     except DECODE_ERRORS as exc:
-        raise IngestError(path, f"corrupt or truncated image: {exc}") from exc
+        raise IngestError(path, decode_error(content, exc)) from exc
     return img
+
+
+def to_8bit(img: Image.Image, mode: str, path: Path) -> np.ndarray:
+    """The pixels of `img` (read from `path`) in the 8-bit `mode` ("L" or "RGB"). A 16-bit image
+    (PIL's "I;16*", or "I" holding 16-bit values) is scaled exactly, v * 255 / 65535 rounded, where
+    PIL's convert would clip every value above 255 to white."""
+    if img.mode.startswith("I;16") or img.mode == "I":
+        wide = np.asarray(img).astype(np.int64)
+        if wide.min() < 0 or wide.max() > 65535:
+            raise IngestError(path, f"pixel values {wide.min()}..{wide.max()} do not fit 16 bits")
+        img = Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8), "L")
+    return np.asarray(img if img.mode == mode else img.convert(mode))
 
 
 def sha256(path: Path) -> str:

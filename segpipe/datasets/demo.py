@@ -16,7 +16,7 @@ import logging
 import time
 from pathlib import Path
 
-from segpipe.atomic import atomic_dir
+from segpipe.atomic import Owner, atomic_dir
 from segpipe.config import DemoConfig
 from segpipe.datasets import demo_hand, demo_kvasir, demo_usc
 
@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 def generate(out: Path, cfg: DemoConfig) -> None:
     """Write the whole demo to `out`, atomically: a killed run leaves no half-written demo."""
     start = time.perf_counter()
-    with atomic_dir(Path(out)) as tmp:
+    with atomic_dir(Path(out), Owner("demo")) as tmp:
         demo_kvasir.write(tmp, cfg.kvasir, cfg.seed)
         demo_usc.write(tmp, cfg.usc_timit, cfg.seed)
         demo_hand.write(tmp, cfg.hand_xray, cfg.seed)

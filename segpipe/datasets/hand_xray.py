@@ -34,7 +34,6 @@ import numpy as np
 
 from segpipe.datasets import CaseData, RawCase, Scan, open_image, require_dir, split_by_suffix, visible
 from segpipe.errors import IngestError
-from segpipe.sparse_mask import SparseMask
 
 CARPALS = ["Trapezium", "Trapezoid", "Capitate", "Hamate", "Scaphoid", "Lunate", "Triquetrum", "Pisiform"]
 CLASSES = [f"finger-{i}" for i in range(1, 20)] + CARPALS + ["Radius", "Ulna"]
@@ -78,11 +77,10 @@ def load_case(case: RawCase) -> CaseData:
 decode_case = load_case  # load_case decodes every file already
 
 
-def rasterise(annotations: list[dict[str, Any]], shape: tuple[int, ...], where: Path) -> SparseMask:
-    """(C, H, W) uint8 multi-label mask: each polygon filled into its class channel (held as the
-    polygons' filled bounding boxes: the dense mask of a 2048 px hand is 121 MB, see SparseMask)."""
+def rasterise(annotations: list[dict[str, Any]], shape: tuple[int, ...], where: Path) -> np.ndarray:
+    """(C, H, W) uint8 multi-label mask: each polygon filled into its class channel."""
     height, width = shape[:2]
-    mask = SparseMask((len(CLASSES), height, width))
+    mask = np.zeros((len(CLASSES), height, width), dtype=np.uint8)
     for i, ann in enumerate(annotations):
         label = ann.get("label")
         if label not in CHANNEL:
@@ -91,7 +89,7 @@ def rasterise(annotations: list[dict[str, Any]], shape: tuple[int, ...], where: 
         rows, cols, inside = fill_polygon(_polygon(ann.get("points"), what, (height, width), where), height, width)
         if not inside.any():
             raise IngestError(where, f"{what}: degenerate polygon: fills no pixel (no pixel centre inside or on it)")
-        mask.add(CHANNEL[label], rows, cols, inside)
+        mask[CHANNEL[label], rows, cols] |= inside
     return mask
 
 

@@ -4,12 +4,14 @@ The masks are 3-channel JPEGs with compression noise around 0 and 255. They are 
 grayscale (PIL's ITU-R 601-2 luma) and thresholded at > 127: the three channels carry the same
 content, and a weighted mean of them averages out the per-channel chroma noise instead of
 trusting one channel. Images keep their original size, and are stored as the files they are
-(segpipe.image_file): decoding a JPEG only to compress its pixels again cost more than the decode.
+(segpipe.encoded_image), except 16-bit PNGs, stored as their pixels scaled to 8 bits exactly.
 When `kavsir_bboxes.json` is present it must describe every image: an image without an entry,
 a size that differs from the image's and a box outside the image are errors. Entries without an
 image are logged, not errors: a subset of the images (a published training split) is commonly
 kept beside the full file. A case's entry is part of it (RawCase.meta), so editing the entry
-re-ingests that case.
+re-ingests that case. A file that is not a JSON object is one structural problem naming it (with
+`on_error: skip`, one skipped entry) and the images are read as if it were absent, without
+entries: it holds no pixels or masks, so it costs no case, as a malformed entry costs only its own.
 Kvasir has no patient information, so each case is its own group.
 """
 from __future__ import annotations
@@ -21,9 +23,9 @@ from typing import Any
 
 import numpy as np
 
-from segpipe.datasets import CaseData, RawCase, Scan, open_image, require_dir, split_by_suffix
+from segpipe.datasets import CaseData, RawCase, Scan, open_image, require_dir, split_by_suffix, to_8bit
 from segpipe.errors import IngestError
-from segpipe.image_file import ImageFile
+from segpipe.encoded_image import EncodedImage
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +41,11 @@ def scan(raw: Path) -> Scan:
     problems += mask_problems
     orphans = sorted(masks.keys() - images.keys())
     problems += [IngestError(masks[stem], "mask without its image in images/") for stem in orphans]
-    boxes = _read_boxes(raw / BBOXES)
+    try:
+        boxes = _read_boxes(raw / BBOXES)
+    except IngestError as exc:  # one problem, not one per case: the cases are read without entries
+        problems.append(exc)
+        boxes = None
     spare = sorted(boxes.keys() - images.keys() - masks.keys()) if boxes is not None else []
     if spare:
         log.warning("%s: no image in images/ for %d of its entries (not ingested): %s", raw / BBOXES,
@@ -63,19 +69,24 @@ def list_cases(raw: Path) -> list[RawCase]:
 
 
 def load_case(case: RawCase) -> CaseData:
-    """What ingest stores: the image file as it is, checked to decode (segpipe.image_file: read back,
-    it is the file decoded to RGB), and the mask decoded and thresholded."""
-    return _case_data(case, ImageFile.read(case.source, "RGB"))
+    """What ingest stores: the image file as it is, checked to decode (segpipe.encoded_image), or
+    for a 16-bit file its pixels scaled to 8 bits; and the mask decoded and thresholded."""
+    image = EncodedImage.read(case.source, "RGB")
+    return _case_data(case, image if image.eight_bit else _rgb(case.source))
 
 
 def decode_case(case: RawCase) -> CaseData:
     """Every file of the case decoded to pixels, as a script reading Kvasir would (the ingest
     benchmark's baseline): the same case as load_case's, with the image decoded."""
-    return _case_data(case, np.asarray(open_image(case.source).convert("RGB")))
+    return _case_data(case, _rgb(case.source))
 
 
-def _case_data(case: RawCase, image: np.ndarray | ImageFile) -> CaseData:
-    mask = np.asarray(open_image(case.label).convert("L")) > THRESHOLD
+def _rgb(path: Path) -> np.ndarray:
+    return to_8bit(open_image(path), "RGB", path)
+
+
+def _case_data(case: RawCase, image: np.ndarray | EncodedImage) -> CaseData:
+    mask = to_8bit(open_image(case.label), "L", case.label) > THRESHOLD
     if mask.shape != image.shape[:2]:
         raise IngestError(case.label, f"mask size {_hw(mask.shape)} != image size {_hw(image.shape)}")
     entry = case.meta.get("box_entry")
