@@ -41,6 +41,14 @@ from segpipe.errors import StoreError
 
 IMAGE, VIDEO = "image", "video"
 COMPRESSOR = BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
+# zarr's codec pipeline in Rust (the `zarrs` package), chosen through zarr's public config: it wrote a
+# hand X-ray's case in a third of the CPU time of zarr's own pipeline and read it in half. One thread,
+# because with several it lays a shard's chunks out in the order they finish, so the same data gave
+# different files, and DVC different hashes. A pipeline or thread count set in the environment
+# (ZARR_CODEC_PIPELINE__PATH, ZARR_THREADING__MAX_WORKERS) is the user's choice and is kept.
+ZARRS = {"codec_pipeline.path": "zarrs.ZarrsCodecPipeline", "threading.max_workers": 1}
+zarr.config.set({key: value for key, value in ZARRS.items()
+                 if f"ZARR_{key.upper().replace('.', '__')}" not in os.environ})
 # Cases read_labelled_cases reads at once, each in its own thread (zarr's synchronous API waits on
 # file reads and decoding that release the GIL; one case at a time left both cores idle between them).
 CASES_IN_FLIGHT = 8
