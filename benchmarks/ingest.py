@@ -23,7 +23,6 @@ to create new ones).
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import tempfile
 import time
@@ -37,6 +36,7 @@ from distributed import Client
 from segpipe.config import HandXrayDemo, IngestConfig, load_params
 from segpipe.datasets import RawCase, demo_hand, reader
 from segpipe.ingest import in_flight_limit, ingest, map_bounded, task_batches
+from benchmarks.common import emit
 from segpipe.parallel import dask_client
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -138,7 +138,7 @@ def main() -> None:
             "client_peak_rss_MB": round(peak_rss_mb(), 1),
             "worker_peak_rss_MB": round(max(client.run(peak_rss_mb).values()), 1),
         }
-    print(json.dumps(results))
+    emit(results)
 
 
 if __name__ == "__main__":

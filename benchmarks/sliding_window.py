@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
 
+from benchmarks.common import emit
 from segpipe.config import InferConfig
 from segpipe.infer import cached_model, predict_store
 from segpipe.preprocess import frames_to_input, to_float16
@@ -147,8 +148,8 @@ def main() -> None:
         monai_tuned = measure("monai_tuned", root, args.small, args.repeats)
         forward = measure("forward", root, args.small, args.repeats)
     mpx = args.small**2 / 1e6
-    print(json.dumps({
-        "model_size": args.model_size, "small": args.small, "large": args.large, "threads": 1,
+    emit({
+        "benchmark": "sliding_window", "model_size": args.model_size, "small": args.small, "large": args.large, "threads": 1,
         "tiled_mpx_per_s": round(mpx / small["seconds"], 3),
         "forward_mpx_per_s": round(mpx / forward["seconds"], 3),
         "monai_mpx_per_s": round(mpx / monai["seconds"], 3),
@@ -159,7 +160,7 @@ def main() -> None:
         "rss_mb_monai": round(monai["peak_rss_mb"], 1), "rss_mb_forward": round(forward["peak_rss_mb"], 1),
         "rss_ratio_vs_monai": round(small["peak_rss_mb"] / monai["peak_rss_mb"], 3),
         "rss_ratio_8192_vs_2048": round(large["peak_rss_mb"] / small["peak_rss_mb"], 3),
-    }))
+    })
 
 
 if __name__ == "__main__":

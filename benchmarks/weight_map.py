@@ -12,13 +12,13 @@ pixel. Ratios: speed_ratio_* = literal time / segpipe time; max_abs_diff_* check
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
+from benchmarks.common import emit
 from segpipe.datasets.demo_hand import hand_polygons
 from segpipe.weightmap import class_balance, weight_map
 
@@ -72,7 +72,7 @@ def main() -> None:
         figures[f"ms_literal_{name}"] = round(ref * 1e3, 2)
         figures[f"speed_ratio_{name}"] = round(ref / ours, 2)
         figures[f"max_abs_diff_{name}"] = float(np.abs(ours_w - ref_w).max())
-    print(json.dumps(figures))
+    emit({"benchmark": "weight_map", **figures})
 
 
 if __name__ == "__main__":

@@ -1,0 +1,43 @@
+"""What every benchmark shares: the stages' process settings, and the machine a figure comes from."""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from tasks.common import MALLOC_ENV
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def start_as_stages_do() -> None:
+    """Run this benchmark in a process started as dvc.yaml starts the stages that run models: with
+    glibc's malloc settings (MALLOC_ENV), which a process reads only when it starts. Re-executes
+    itself once when they are missing."""
+    if any(os.environ.get(key) != value for key, value in MALLOC_ENV.items()):
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], {**os.environ, **MALLOC_ENV})
+
+
+def machine() -> dict[str, Any]:
+    """Where a figure was measured: CPU model, cores, Python, segpipe's commit, date (UTC)."""
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
+            "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                     text=True).stdout.strip(),
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")}
+
+
+def cpu_model() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
+                platform.processor())
+
+
+def emit(result: dict[str, Any]) -> None:
+    """Print a benchmark's result as one JSON line, with the machine it ran on."""
+    print(json.dumps({**result, "machine": machine()}))
