@@ -177,3 +177,28 @@ def test_unknown_reader_name_is_a_config_error():
     assert reader("kvasir") is kvasir
     with pytest.raises(ConfigError, match="'nope'"):
         reader("nope")
+
+
+def test_a_16_bit_png_is_scaled_exactly_to_8_bits_never_clipped(tmp_path):
+    write_pair(tmp_path, "a")
+    wide = np.linspace(0, 65535, 48 * 40).round().astype(np.uint16).reshape(40, 48)
+    (tmp_path / "images" / "a.jpg").unlink()
+    Image.fromarray(wide).save(tmp_path / "images" / "a.png")  # PIL writes a 16-bit greyscale PNG
+    assert Image.open(tmp_path / "images" / "a.png").mode.startswith("I")
+    data = kvasir.load_case(kvasir.list_cases(tmp_path)[0])
+    expected = (wide.astype(np.int64) * 255 + 32767) // 65535  # v * 255 / 65535, rounded
+    assert isinstance(data.image, np.ndarray) and data.image.shape == (40, 48, 3)
+    for channel in range(3):
+        np.testing.assert_array_equal(data.image[..., channel], expected)
+    assert (data.image == 255).mean() < 0.01  # PIL's convert would have made 99% of it white
+
+
+@pytest.mark.parametrize(("content", "reason"), [(b"", "empty file"), (b"GIF89a not really" * 9, "not an image")])
+def test_an_empty_or_garbage_image_is_named_in_words_that_do_not_change_between_runs(tmp_path, content, reason):
+    write_pair(tmp_path, "a")
+    (tmp_path / "images" / "a.jpg").write_bytes(content)
+    with pytest.raises(IngestError) as caught:
+        kvasir.load_case(kvasir.list_cases(tmp_path)[0])
+    message = str(caught.value)
+    assert message.startswith(str(tmp_path / "images" / "a.jpg")) and reason in message
+    assert "0x" not in message and "BytesIO" not in message
