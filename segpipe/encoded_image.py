@@ -87,7 +87,8 @@ def decode(content: bytes, attrs: dict[str, Any]) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(content)) as image:
             image.load()
-            pixels = np.asarray(image if image.mode == attrs["mode"] else image.convert(attrs["mode"]))
+            # np.array, not asarray: PIL's buffer is read-only, and torch warns of every read-only array it takes.
+            pixels = np.array(image if image.mode == attrs["mode"] else image.convert(attrs["mode"]))
     except DECODE_ERRORS as exc:
         raise ValueError(decode_error(content, exc)) from exc
     if pixels.shape != tuple(attrs["shape"]) or pixels.dtype != np.uint8:

@@ -68,7 +68,9 @@ def test_an_image_kept_as_its_file_is_a_plain_byte_array_that_decodes_to_its_pix
     array = store.array("case", "image")
     assert array.dtype == np.uint8 and array.ndim == 1 and array[:].tobytes() == (tmp_path / "a.png").read_bytes()
     assert dict(array.attrs) == {"encoded_image": {"format": "PNG", "mode": "RGB", "shape": [30, 40, 3]}}
-    np.testing.assert_array_equal(store.image("case"), pixels)
+    decoded = store.image("case")
+    np.testing.assert_array_equal(decoded, pixels)
+    assert decoded.flags.writeable  # torch.from_numpy warns of a read-only array
 
 
 def test_a_stored_file_that_no_longer_decodes_is_named(tmp_path):
