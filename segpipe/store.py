@@ -123,7 +123,7 @@ class CaseStore:
         try:
             return self.root[case_id]
         except KeyError:
-            raise StoreError(self._no_case(case_id)) from None
+            raise StoreError(f"{self.path}: no case {case_id!r}") from None
 
     def case_attrs(self, case_id: str) -> dict[str, Any]:
         return self.case(case_id).attrs.asdict()
@@ -161,9 +161,6 @@ class CaseStore:
 
     def is_video(self, case_id: str) -> bool:
         return self.case_attrs(case_id).get("kind") == VIDEO
-
-    def _no_case(self, case_id: str) -> str:
-        return f"{self.path}: no case {case_id!r}"
 
     def write_case(self, case_id: str, attrs: dict[str, Any],
                    arrays: dict[str, np.ndarray | EncodedImage] | None = None, chunk: int = 512,
