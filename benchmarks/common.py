@@ -5,6 +5,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -41,3 +42,16 @@ def cpu_model() -> str:
 def emit(result: dict[str, Any]) -> None:
     """Print a benchmark's result as one JSON line, with the machine it ran on."""
     print(json.dumps({**result, "machine": machine()}))
+
+
+def copy_source_tree(dest: Path) -> None:
+    """Copy this working tree's source files (tracked and new, never ignored ones such as data) to `dest`."""
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+        capture_output=True, text=True, check=True,
+    ).stdout.split()
+    for rel in listed:
+        src = ROOT / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)

@@ -29,6 +29,7 @@ from segpipe.config import DatasetConfig, TrainConfig, load_params
 from segpipe.data import load_samples, training_set, validation_batches
 from segpipe.device import resolve_device
 from segpipe.metrics import mean_dice
+from segpipe.plan import PRESETS
 from segpipe.store import CaseStore
 from segpipe.train import fit, new_model, seed_everything
 
@@ -107,7 +108,7 @@ def main() -> None:
         y = y.float()
         meta = {"arch": "unet", "classes": ["disc"], "in_channels": 3, "image_size": [args.size] * 2,
                 "channels": list(cfg.channels)}
-        kvasir_augment = augment.build(params.augment.for_dataset("kvasir"))
+        kvasir_augment = augment.build(PRESETS["colour"])  # what the plan gives colour images
 
         def ours(aug, run: str) -> None:
             out = tmp / run

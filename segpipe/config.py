@@ -20,6 +20,10 @@ class Section(BaseModel):
     # Unknown keys are errors: a typo in params.yaml must not be silently ignored.
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    def explicit(self, name: str) -> bool:
+        """Whether params.yaml sets `name` (to anything but null), so that it wins over the plan."""
+        return name in self.model_fields_set and getattr(self, name) is not None
+
 
 def tile_extent(image_size: tuple[int, int], tile_scale: float | None) -> tuple[int, int] | None:
     """The full-resolution extent (H, W) one model tile covers, or None when whole images are resized."""
@@ -31,18 +35,24 @@ def tile_extent(image_size: tuple[int, int], tile_scale: float | None) -> tuple[
 class DatasetConfig(Section):
     raw: Path
     in_channels: Literal[1, 3]
-    image_size: tuple[int, int] = Field(description="the scale the model sees: (H, W)")
+    image_size: tuple[int, int] | None = Field(
+        None, description="the scale the model sees: (H, W); None: planned (segpipe/plan.py)"
+    )
     labels: Literal["ingest", "pseudolabel"] = "ingest"
     truth: Path | None = Field(None, description="true masks kept aside (demo only), to score against")
     tile_scale: float | None = Field(
         None, gt=0, le=1,
-        description="None: each whole image/frame is resized to image_size (small images). A number: the model "
-        "sees the image at this scale in image_size tiles: trained on random crops, predicted by sliding window "
+        description="left out: planned. None: each whole image/frame is resized to image_size (small images). "
+        "A number: the model sees the image at this scale in image_size tiles: trained on random crops, predicted by sliding window "
         "over the full-resolution image read tile by tile from Zarr (large images)",
     )
 
     def tile_extent(self) -> tuple[int, int] | None:
         return tile_extent(self.image_size, self.tile_scale)
+
+    def explicit(self, name: str) -> bool:
+        """As Section.explicit, but `tile_scale: null` is explicit too: whole images, whatever the plan."""
+        return name in self.model_fields_set if name == "tile_scale" else super().explicit(name)
 
 
 class KvasirDemo(Section):
@@ -95,6 +105,7 @@ class StudentConfig(Section):
     `train:`, so that tuning the final models never reruns the labels."""
 
     arch: str = "unet"
+    image_size: list[int] = Field([64, 64], description="the student's input (H, W)")
     channels: list[int] = Field([16, 32, 64, 128], description="a list (not a tuple) to round-trip through store attrs")
     epochs: int = Field(20, ge=1)
     steps_per_epoch: int = Field(40, ge=1)
@@ -109,7 +120,7 @@ class StudentConfig(Section):
         return TrainConfig(
             archs=(self.arch,), folds=(0,), epochs=self.epochs, steps_per_epoch=self.steps_per_epoch,
             batch_size=self.batch_size, lr=self.lr, patience=self.patience, channels=tuple(self.channels),
-            seed=self.seed,
+            res_units=1, loss="bce_dice", foreground_fraction=0.0, seed=self.seed,
         )
 
 
@@ -131,6 +142,10 @@ class SplitConfig(Section):
         "mask_area: bins of the foreground fraction (polyp size); class_count: classes present",
     )
     area_bins: int = Field(3, ge=2, description="quantile bins of mask_area (3: tertiles)")
+    test_list: dict[Literal[DATASET_NAMES], Path] = Field(
+        {}, description="per dataset, a file of case ids, one a line: exactly the test set (with the rest of "
+        "their groups), instead of test_fraction; e.g. an official test split",
+    )
 
     def stratify_for(self, dataset: str) -> str:
         return self.stratify.get(dataset, "none")
@@ -143,6 +158,9 @@ class TrainOverrides(Section):
     lr: float | None = None
     patience: int | None = None
     foreground_fraction: float | None = None
+    channels: tuple[int, ...] | None = None
+    res_units: int | None = None
+    loss: str | None = None
 
 
 class LossConfig(Section):
@@ -162,13 +180,13 @@ class LossConfig(Section):
 class TrainConfig(Section):
     archs: tuple[str, ...]
     folds: tuple[int, ...]
-    epochs: int = Field(ge=1)
+    epochs: int = Field(20, ge=1, description="unless set: planned from the time budget")
     steps_per_epoch: int = Field(ge=1, description="batches per epoch; validation runs after each epoch")
-    batch_size: int = Field(ge=1)
+    batch_size: int = Field(8, ge=1, description="unless set: planned from the memory budget")
     lr: float = Field(gt=0)
     weight_decay: float = Field(0.0, ge=0)
-    patience: int = Field(ge=1, description="epochs without a better validation Dice before stopping")
-    loss: str = "bce_dice"
+    patience: int = Field(6, ge=1, description="epochs without a better validation Dice before stopping")
+    loss: str = Field("bce_dice", description="unless set: planned")
     loss_options: LossConfig = LossConfig()
     optimizer: Literal["adam", "adamw"] = "adamw"
     schedule: Literal["cosine", "poly"] = Field("cosine", description="learning rate per epoch, from lr down to 0")
@@ -178,7 +196,8 @@ class TrainConfig(Section):
     foreground_fraction: float = Field(
         0.33, ge=0, le=1, description="tiled training (tile_scale): share of crops centred on a labelled pixel"
     )
-    channels: tuple[int, ...] = (16, 32, 64, 128)
+    channels: tuple[int, ...] = Field((16, 32, 64, 128), description="level widths; unless set: planned")
+    res_units: int = Field(1, ge=0, description="unet: residual units a level; unless set: planned")
     encoder: str = Field("efficientnet-b0", description="flexible_unet: the EfficientNet backbone")
     encoder_weights: Path | None = Field(
         None, description="flexible_unet: a local file of backbone weights (no download); None: random init"
@@ -200,8 +219,12 @@ class InferConfig(Section):
         "gaussian", description="blending weights of overlapping tiles (gaussian: sigma 1/8 of the tile, as MONAI)"
     )
     batch_size: int = Field(4, ge=1, description="tiles (or frames) per forward pass")
-    hflip: bool = Field(False, description="test-time augmentation: also predict the left-right mirror image")
-    vflip: bool = Field(False, description="test-time augmentation: also predict the upside-down image")
+    hflip: bool = Field(
+        False, description="test-time augmentation: also predict the left-right mirror image; unless set: planned"
+    )
+    vflip: bool = Field(
+        False, description="test-time augmentation: also predict the upside-down image; unless set: planned"
+    )
     band_rows: int = Field(
         4096, ge=16, description="a tiled image taller than this is predicted as several Dask tasks of about "
         "this many rows each (rounded to whole chunk rows)",
@@ -221,9 +244,12 @@ class EnsembleConfig(Section):
         0.5, gt=0, lt=1,
         description="fixed threshold: used when tuning is off or a class has no positive validation pixels",
     )
-    tune: bool = Field(True, description="tune one threshold per class on the out-of-fold validation predictions")
+    tune: bool = Field(
+        True, description="tune one threshold per class on the out-of-fold validation predictions; unless set: planned"
+    )
     grid_step: float = Field(
-        0.05, ge=0.01, le=0.5, description="candidate thresholds step, 2*step, ... below 1 (plus the fixed threshold)"
+        0.05, ge=0.01, le=0.5,
+        description="candidate thresholds step, 2*step, ... below 1 (plus the fixed threshold); unless set: planned",
     )
     batch_frames: int = Field(16, ge=1, description="video frames held in memory at once")
 
@@ -260,15 +286,39 @@ class DatasetAugment(Section):
 
 
 class AugmentConfig(Section):
-    """Training augmentation per dataset; a dataset left out is not augmented."""
-    kvasir: DatasetAugment = DatasetAugment()
-    usc_timit: DatasetAugment = DatasetAugment()
-    hand_xray: DatasetAugment = DatasetAugment()
+    """Training augmentation per dataset; a dataset left out gets the plan's preset (segpipe/plan.py)."""
+    kvasir: DatasetAugment | None = None
+    usc_timit: DatasetAugment | None = None
+    hand_xray: DatasetAugment | None = None
 
-    def for_dataset(self, dataset: str) -> DatasetAugment:
+    def for_dataset(self, dataset: str) -> DatasetAugment | None:
         if dataset not in DATASET_NAMES:
             raise ConfigError(f"augment.{dataset}: unknown dataset; known: {DATASET_NAMES}")
         return getattr(self, dataset)
+
+
+class PlanConfig(Section):
+    """The rules of the plan stage (segpipe/plan.py): budgets and limits it plans within."""
+    budget_minutes: dict[Literal[DATASET_NAMES], float] = Field(
+        {}, description="training time of all a dataset's folds and archs together (default 20)"
+    )
+    max_passes: float = Field(
+        150, gt=0, description="most times a fold sees each training sample: small data stop here, not at the budget"
+    )
+    memory_mb: int = Field(2048, ge=64, description="activation memory a training batch may take")
+    max_batch: int = Field(8, ge=1)
+    min_object_px: int = Field(
+        12, ge=1, description="thinnest extent the smallest objects (5th percentile) keep at the model's scale"
+    )
+    min_input_px: int = Field(64, ge=16, description="smallest model input side")
+    max_input_px: int = Field(192, ge=16, description="largest model input side (whole image, or tile)")
+    max_whole_px: int = Field(1024, ge=16, description="images whose median side is larger are tiled")
+    base_width: int = Field(16, ge=4, description="widths of the first level; doubled at each level below")
+    max_width: int = Field(320, ge=4)
+    res_units: int = Field(1, ge=0, description="unet: residual units a level")
+
+    def budget_for(self, dataset: str) -> float:
+        return self.budget_minutes.get(dataset, 20.0)
 
 
 class Params(Section):
@@ -283,6 +333,7 @@ class Params(Section):
     infer: InferConfig
     ensemble: EnsembleConfig
     augment: AugmentConfig = AugmentConfig()
+    plan: PlanConfig = PlanConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> Params:

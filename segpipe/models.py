@@ -4,7 +4,8 @@ Every network maps (N, in_channels, H, W) to per-class logits (N, out_channels, 
 derive from `train.channels` (c0, c1, ...). H and W must be multiples of the size below, and at
 least twice it to train (instance norm needs more than one pixel at the deepest level):
 
-- unet: MONAI UNet, one stride-2 level per entry of channels.             multiple of 2**(len-1)
+- unet: MONAI UNet, one stride-2 level per entry of channels, `res_units`
+  residual units a level (instance norm).                                 multiple of 2**(len-1)
 - unetpp: BasicUNetPlusPlus, fixed 5 levels: channels doubled out to 5,
   last upsampling at c0; the final (not deep-supervision) output.        multiple of 16
 - attention_unet: AttentionUnet, one level per entry of channels.         multiple of 2**(len-1)
@@ -84,9 +85,11 @@ class FinalOutput(nn.Module):
         return self.net(x)[-1]
 
 
-def _unet(in_channels: int, out_channels: int, channels: tuple[int, ...], **_) -> nn.Module:
+def _unet(
+    in_channels: int, out_channels: int, channels: tuple[int, ...], res_units: int = 1, **_
+) -> nn.Module:
     strides = (2,) * (len(channels) - 1)
-    return UNet(2, in_channels, out_channels, channels=channels, strides=strides, num_res_units=1)
+    return UNet(2, in_channels, out_channels, channels=channels, strides=strides, num_res_units=res_units)
 
 
 def _unetpp(in_channels: int, out_channels: int, channels: tuple[int, ...], **_) -> nn.Module:
@@ -116,7 +119,7 @@ def _swin_unetr(in_channels: int, out_channels: int, channels: tuple[int, ...], 
 
 def _flexible_unet(
     in_channels: int, out_channels: int, channels: tuple[int, ...],
-    encoder: str = "efficientnet-b0", encoder_weights: Path | None = None,
+    encoder: str = "efficientnet-b0", encoder_weights: Path | None = None, **_,
 ) -> nn.Module:
     decoder = widths(channels, 5)[::-1]
     try:
@@ -156,16 +159,19 @@ def _arch(name: str) -> Arch:
 
 def build(
     name: str, in_channels: int, out_channels: int, channels: tuple[int, ...],
-    encoder: str = "efficientnet-b0", encoder_weights: Path | None = None,
+    encoder: str = "efficientnet-b0", encoder_weights: Path | None = None, res_units: int = 1,
 ) -> nn.Module:
     """A 2-D network that maps (N, in_channels, H, W) to per-class logits (N, out_channels, H, W).
 
-    `encoder` and `encoder_weights` matter to flexible_unet only; pass the weights when a training
-    run starts, not when rebuilding a trained checkpoint (its state dict holds them already)."""
+    `res_units` matters to unet only, `encoder` and `encoder_weights` to flexible_unet only; pass the
+    weights when a training run starts, not when rebuilding a trained checkpoint (its state dict
+    holds them already)."""
     channels = tuple(channels)
     if len(channels) < 2:
         raise ConfigError(f"train.channels: need at least 2 levels, got {list(channels)}")
-    return _arch(name).make(in_channels, out_channels, channels, encoder=encoder, encoder_weights=encoder_weights)
+    return _arch(name).make(
+        in_channels, out_channels, channels, encoder=encoder, encoder_weights=encoder_weights, res_units=res_units
+    )
 
 
 def check_input_size(name: str, channels: tuple[int, ...], size: tuple[int, int]) -> None:

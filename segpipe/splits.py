@@ -46,9 +46,13 @@ class Split:
 
 
 def make_split(
-    groups: dict[str, str], k: int, seed: int, test_fraction: float, strata: dict[str, str] | None = None
+    groups: dict[str, str], k: int, seed: int, test_fraction: float, strata: dict[str, str] | None = None,
+    test_cases: list[str] | None = None,
 ) -> Split:
     """Split cases {case_id: group_id} into a held-out test set and k folds, grouped and stratified.
+
+    `test_cases`, when given, are the test set (with every case of their groups), whatever
+    test_fraction says, and the other groups are dealt to the folds alone.
 
     The test set's target share of every stratum is `test_fraction`, each fold's the rest over k.
     Groups are dealt largest first (equal sizes in seeded random order) to the bin furthest below
@@ -60,28 +64,37 @@ def make_split(
     members: dict[str, list[str]] = defaultdict(list)
     for case, group in sorted(groups.items()):
         members[group].append(case)
-    names = sorted(members)
-    if len(names) < k + 1:
-        raise ConfigError(f"split.k={k} needs at least {k + 1} groups (k folds + test); found {len(names)}")
+    unknown = sorted(set(test_cases or []) - set(groups))
+    if unknown:
+        raise ConfigError(f"split.test_list: {len(unknown)} case(s) not in the dataset, e.g. {unknown[:3]}")
+    fixed = sorted({groups[c] for c in test_cases or []})
+    names = sorted(set(members) - set(fixed))
+    bins_dealt = k if fixed else k + 1
+    if len(names) < bins_dealt:
+        raise ConfigError(f"split.k={k} needs at least {bins_dealt} groups to deal (k folds"
+                          f"{'' if fixed else ' + test'}); found {len(names)}")
     strata = {c: strata[c] for c in sorted(groups) if c in strata} if strata else {}
     levels = sorted({strata.get(c, "") for c in groups})
     count = {g: np.array([sum(strata.get(c, "") == s for c in members[g]) for s in levels]) for g in names}
     total = sum(count.values())
-    share = np.array([test_fraction] + [(1 - test_fraction) / k] * k)  # bin 0 is the test set
+    # Bin 0 is the test set, unless it is fixed; then only the folds are dealt.
+    share = np.array(([] if fixed else [test_fraction]) + [(1 - (0 if fixed else test_fraction)) / k] * k)
 
     rng = np.random.default_rng(seed)
     order = [names[i] for i in rng.permutation(len(names))]
-    bin_rank = rng.permutation(k + 1)
-    load = np.zeros((k + 1, len(levels)))
-    bins: list[list[str]] = [[] for _ in range(k + 1)]
+    bin_rank = rng.permutation(bins_dealt)
+    load = np.zeros((bins_dealt, len(levels)))
+    bins: list[list[str]] = [[] for _ in range(bins_dealt)]
     # Stable sort keeps the seeded order among groups of equal size.
     for group in sorted(order, key=lambda g: -len(members[g])):
         mine = count[group]
         own_fill = (load * mine).sum(axis=1) / (share * (total * mine).sum())
         overall_fill = load.sum(axis=1) / (share * total.sum())
-        best = min(range(k + 1), key=lambda b: (own_fill[b], overall_fill[b], bin_rank[b]))
+        best = min(range(bins_dealt), key=lambda b: (own_fill[b], overall_fill[b], bin_rank[b]))
         load[best] += mine
         bins[best].append(group)
+    if fixed:
+        bins.insert(0, fixed)
 
     cases = [sorted(c for g in gs for c in members[g]) for gs in bins]
     folds = [

@@ -2,9 +2,9 @@
 
 Round 0 is the classical labeller (segpipe.pseudolabel). Each round r >= 1:
 
-1. A student (segpipe.models by name, trained by segpipe.train.fit on whole frames at the
-   dataset's image_size, no augmentation) learns from the kept frames of round r-1. A seeded
-   `val_fraction` of the groups (speakers) is held out whole for early stopping, scored against
+1. A student (segpipe.models by name, trained by segpipe.train.fit on whole frames at
+   pseudolabel.student.image_size, no augmentation) learns from the kept frames of round r-1. A
+   seeded `val_fraction` of the groups (speakers) is held out whole for early stopping, scored against
    round r-1's labels: the only labels there are.
 2. The student relabels every steady-state frame of every video (segpipe.infer.predict_frames).
    The mask is its raw prediction, p > 0.5, with no post-processing: a round's Dice against the
@@ -105,6 +105,7 @@ def train_student(images: CaseStore, teacher: CaseStore, train_cases: list[str],
                   out: Path, cfg: StudentConfig, data: DatasetConfig,
                   device: torch.device) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
     """The best epoch's student (by validation Dice), its meta, and what its training did."""
+    data = data.model_copy(update={"image_size": tuple(cfg.image_size), "tile_scale": None})
     models.check_input_size(cfg.arch, tuple(cfg.channels), data.image_size)
     meta = {
         "arch": cfg.arch, "dataset": teacher.attrs.get("dataset"), "fold": 0, "classes": teacher.classes,

@@ -282,7 +282,7 @@ def fit(
 def new_model(meta: dict[str, Any], seed: int, encoder_weights: Path | None = None) -> nn.Module:
     """The network `meta` describes, its initial weights fixed by the seed (and encoder_weights, if any)."""
     seed_everything(seed)
-    extra = {"encoder": meta["encoder"]} if "encoder" in meta else {}
+    extra = {key: meta[key] for key in ("encoder", "res_units") if key in meta}
     return models.build(
         meta["arch"], meta["in_channels"], len(meta["classes"]), tuple(meta["channels"]),
         encoder_weights=encoder_weights, **extra,

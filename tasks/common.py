@@ -20,6 +20,7 @@ INTERIM = Path("data/interim")
 LABELS = Path("data/labels")
 SPLITS = Path("data/splits")
 PREDICTIONS = Path("data/predictions")
+PLANS = Path("plans")
 MODELS = Path("models")
 REPORTS = Path("reports")
 
@@ -50,6 +51,10 @@ def labels_path(dataset: str) -> Path:
     return LABELS / f"{dataset}.zarr"
 
 
+def plan_path(dataset: str) -> Path:
+    return PLANS / f"{dataset}.json"
+
+
 def model_dir(dataset: str, arch: str, fold: int) -> Path:
     return MODELS / dataset / arch / f"fold{fold}"
 
@@ -69,6 +74,7 @@ INPUT_HELP = {
     "images": "ingest store (default: data/interim/<dataset>.zarr)",
     "labels": "labels store (default: data/labels/<dataset>.zarr)",
     "split": "split JSON (default: data/splits/<dataset>.json)",
+    "plan": "plan JSON (default: plans/<dataset>.json)",
 }
 
 

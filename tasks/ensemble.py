@@ -7,12 +7,13 @@ from pathlib import Path
 
 from segpipe.atomic import Owner, write_json
 from segpipe.ensemble import ensemble_stores
+from segpipe.plan_file import Plan
 from segpipe.store import CaseStore
 from tasks import common
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = common.dataset_parser(__doc__, "labels")
+    p = common.dataset_parser(__doc__, "labels", "plan")
     p.add_argument("--members", type=Path, nargs="*", help="default: every arch and fold of params' train section")
     p.add_argument("--out", type=Path, help="default: data/predictions/<dataset>/ensemble.zarr")
     p.add_argument("--report", type=Path, help="weights and thresholds (default: reports/<dataset>/ensemble.json)")
@@ -21,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(ns: argparse.Namespace) -> None:
     params = common.params_of(ns)
-    cfg = params.ensemble
+    cfg = Plan(ns.plan or common.plan_path(ns.dataset)).ensemble_config(params.ensemble)
     members = ns.members or [
         common.member_path(ns.dataset, arch, k) for arch in params.train.archs for k in params.train.folds
     ]

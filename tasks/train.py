@@ -13,6 +13,7 @@ from segpipe import augment, models
 from segpipe.atomic import Owner, resumable_dir
 from segpipe.data import training_set, validation_batches
 from segpipe.device import resolve_device
+from segpipe.plan_file import Plan
 from segpipe.splits import read_split
 from segpipe.store import CaseStore
 from segpipe.train import fit, new_model
@@ -20,7 +21,7 @@ from tasks import common
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = common.dataset_parser(__doc__, "images", "labels", "split", member=True)
+    p = common.dataset_parser(__doc__, "images", "labels", "split", "plan", member=True)
     p.add_argument("--out", type=Path, help="default: models/<dataset>/<arch>/fold<k>")
     p.add_argument("--metrics", type=Path, help="DVCLive folder; default: reports/<dataset>/train/<arch>-fold<k>")
     p.add_argument(
@@ -54,19 +55,20 @@ def main(ns: argparse.Namespace) -> None:
     owner = Owner("train", ns.dataset)
     out = common.output_dir(ns.out or common.model_dir(ns.dataset, ns.arch, ns.fold), owner)
     metrics_dir = common.output_folder(ns.metrics or common.REPORTS / ns.dataset / "train" / f"{ns.arch}-fold{ns.fold}")
-    data_cfg, cfg = params.dataset(ns.dataset), params.train.for_dataset(ns.dataset)
+    plan = Plan(ns.plan or common.plan_path(ns.dataset))
+    data_cfg, cfg = plan.dataset_config(params.dataset(ns.dataset)), plan.train_config(params.train)
     models.check_input_size(ns.arch, cfg.channels, data_cfg.image_size)
     images = CaseStore(ns.images or common.store_path(ns.dataset))
     labels = CaseStore(ns.labels or common.labels_path(ns.dataset))
     fold = read_split(ns.split or common.SPLITS / f"{ns.dataset}.json").fold(ns.fold)
-    aug = augment.build(params.augment.for_dataset(ns.dataset))
+    aug = augment.build(plan.augment())
     train = training_set(images, labels, fold.train, data_cfg, cfg.foreground_fraction, aug)
     val = validation_batches(images, labels, fold.val, data_cfg, cfg.batch_size)
 
     meta = {
         "arch": ns.arch, "dataset": ns.dataset, "fold": ns.fold, "classes": labels.classes,
         "in_channels": data_cfg.in_channels, "image_size": list(data_cfg.image_size), "channels": list(cfg.channels),
-        "encoder": cfg.encoder, "tile_scale": data_cfg.tile_scale,
+        "encoder": cfg.encoder, "tile_scale": data_cfg.tile_scale, "res_units": cfg.res_units,
     }
     model = new_model(meta, cfg.seed, cfg.encoder_weights)
     if ns.resume:

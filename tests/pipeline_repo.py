@@ -3,14 +3,13 @@ Prefect tests. Same code, same dvc.yaml, only smaller data, models and epochs.""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchmarks.common import copy_source_tree
 
 SMALL_PARAMS = {
     "demo": {
@@ -62,15 +61,7 @@ def dvc(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProce
 
 def make_repo(dest: Path) -> Path:
     """Copy the working tree's source files (tracked and new, never data) into a fresh git + DVC repo."""
-    listed = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-        capture_output=True, text=True, check=True,
-    ).stdout.split()
-    for rel in listed:
-        src = ROOT / rel
-        if src.is_file():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / rel)
+    copy_source_tree(dest)
     params = dest / "params.yaml"
     params.write_text(yaml.safe_dump(shrink(yaml.safe_load(params.read_text())), sort_keys=False))
     sh(dest, "git", "init", "-q")

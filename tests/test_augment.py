@@ -11,8 +11,9 @@ import yaml
 from pydantic import ValidationError
 
 from segpipe import augment
-from segpipe.config import DATASET_NAMES, DatasetAugment, load_params
+from segpipe.config import DatasetAugment, load_params
 from segpipe.errors import ConfigError
+from segpipe.plan import PRESETS
 from tests.conftest import ROOT
 
 GEOMETRY = DatasetAugment(hflip=0.5, vflip=0.5, affine=1.0, elastic=1.0, rotate=20, translate=0.1)
@@ -171,19 +172,18 @@ def test_wrong_dtypes_or_shapes_are_refused():
         aug(image, mask[:50], 0)
 
 
-def test_params_yaml_builds_each_dataset_as_promised():
-    cfg = load_params(ROOT / "params.yaml").augment
-    names = {d: leaf_names(augment.transforms(cfg.for_dataset(d))) for d in DATASET_NAMES}
-    assert names["kvasir"] == ["HorizontalFlip", "VerticalFlip", "Affine", "ColorJitter", "BlackCorner"]
-    assert names["usc_timit"] == ["Affine"]
-    assert names["hand_xray"] == ["HorizontalFlip", "Affine", "CLAHE"]
+def test_each_preset_of_the_plan_builds_as_promised():
+    names = {name: leaf_names(augment.transforms(preset)) for name, preset in PRESETS.items()}
+    assert names["colour"] == ["HorizontalFlip", "VerticalFlip", "Affine", "ColorJitter"]
+    assert names["video"] == ["Affine"]
+    assert names["grey"] == ["HorizontalFlip", "Affine", "CLAHE"]
     with pytest.raises(ConfigError, match="augment.nope"):
-        cfg.for_dataset("nope")
+        load_params(ROOT / "params.yaml").augment.for_dataset("nope")
 
 
 def test_bad_augment_params_name_the_key(tmp_path):
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    raw["augment"]["kvasir"]["hflp"] = 0.5
+    raw["augment"]["kvasir"] = {"hflp": 0.5}
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(raw))
     with pytest.raises(ConfigError, match=r"augment\.kvasir\.hflp"):

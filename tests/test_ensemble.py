@@ -236,9 +236,11 @@ def test_members_that_disagree_raise_a_store_error_naming_the_store(tmp_path, di
 
 def test_stage_writes_the_store_and_a_json_report(tmp_path):
     members, _ = _two_fold_val(tmp_path, np.random.default_rng(0), [(0.28, 0.31), (0.68, 0.71)])
+    plan = {"plan": {"tune": {"value": True}, "grid_step": {"value": 0.05}}}  # what the stage reads of a plan
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
     args = [
         sys.executable, "-m", "tasks.ensemble", "--dataset", "kvasir", "--params", str(ROOT / "params.yaml"),
-        "--labels", str(tmp_path / "labels.zarr"), "--members", *map(str, members),
+        "--labels", str(tmp_path / "labels.zarr"), "--plan", str(tmp_path / "plan.json"), "--members", *map(str, members),
         "--out", str(tmp_path / "ens.zarr"), "--report", str(tmp_path / "ensemble.json"),
     ]
     result = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, check=True)

@@ -130,20 +130,22 @@ def test_changing_epochs_reruns_only_training_and_what_depends_on_it(repo):
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     stages = _stage_names(repo)
     trains = {s for s in stages if s.startswith("train@")}
-    downstream = {s for s in stages if s.split("@")[0] in {"train", "infer", "ensemble", "evaluate"}}
+    plans = {s for s in stages if s.startswith("plan@")}  # the plan records the epochs it was given
+    downstream = {s for s in stages if s.split("@")[0] in {"plan", "train", "infer", "ensemble", "evaluate"}}
     # dvc status names the stages whose own params changed; the rest follow once those rerun.
-    assert set(json.loads(dvc(repo, "status", "--json").stdout)) == trains
+    assert set(json.loads(dvc(repo, "status", "--json").stdout)) == trains | plans
 
     one_fold = "train@kvasir-unet-0"
-    assert ran_stages(dvc(repo, "repro", one_fold).stdout) == {one_fold}
-    # Only that fold's own inference now sees a changed dependency; the other folds still wait.
-    stale = trains - {one_fold} | {"infer@kvasir-unet-0"}
-    assert set(json.loads(dvc(repo, "status", "--json").stdout)) == stale
+    assert ran_stages(dvc(repo, "repro", one_fold).stdout) == {"plan@kvasir", one_fold}
+    # The other folds still wait, and what reads the new plan or model: Kvasir's inference and ensemble.
+    stale = set(json.loads(dvc(repo, "status", "--json").stdout))
+    assert not {one_fold, "plan@kvasir"} & stale
+    assert (trains | plans) - {one_fold, "plan@kvasir"} | {"infer@kvasir-unet-0", "ensemble@kvasir"} <= stale
 
     ran = ran_stages(dvc(repo, "repro").stdout)
-    # Nothing upstream of training reruns. Every training and inference does; an ensemble whose
+    # Nothing upstream of the plan reruns. Every training and inference does; an ensemble whose
     # members' predictions came out identical (a best epoch that did not move) is rightly skipped.
-    assert ran <= downstream - {one_fold}
+    assert ran <= downstream - {one_fold, "plan@kvasir"}
     assert {s for s in downstream if s.split("@")[0] in {"train", "infer"}} - {one_fold} <= ran
     assert json.loads(dvc(repo, "status", "--json").stdout) == {}
 
@@ -163,14 +165,14 @@ def test_changing_split_k_or_seed_reruns_only_split_and_what_depends_on_it(repo)
     after = _stage_names(repo)
     status = set(json.loads(dvc(repo, "status", "--json").stdout))
     assert splits <= status and not status & upstream
-    assert status <= {s for s in after if s.split("@")[0] in {"split", "train", "infer", "ensemble", "evaluate"}}
+    assert status <= {s for s in after if s.split("@")[0] in {"split", "plan", "train", "infer", "ensemble", "evaluate"}}
     assert {s for s in after if s.startswith("train@") and s.endswith("-2")} <= status  # the new folds
 
     params = yaml.safe_load(original)
     params["split"]["seed"] += 1
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     ran = ran_stages(dvc(repo, "repro").stdout)
-    downstream = {s for s in stages if s.split("@")[0] in {"train", "infer", "ensemble", "evaluate"}}
+    downstream = {s for s in stages if s.split("@")[0] in {"plan", "train", "infer", "ensemble", "evaluate"}}
     assert splits <= ran <= splits | downstream
     # A dataset whose split came out the same keeps its models; the 12 Kvasir cases never do.
     assert {"train@kvasir-unet-0", "train@kvasir-unet-1", "evaluate@kvasir"} <= ran

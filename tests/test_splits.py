@@ -104,3 +104,13 @@ def test_split_json_round_trips_with_its_strata(tmp_path):
     path.write_text(json.dumps(split.to_json()))
     assert read_split(path) == split
     assert len(split.test) == 2 and split.strata == strata
+
+
+def test_listed_test_cases_are_the_test_set_with_their_groups_and_the_rest_fill_the_folds():
+    groups = {f"c{i:02d}": f"g{i // 2}" for i in range(20)}
+    split = make_split(groups, k=3, seed=0, test_fraction=0.5, test_cases=["c00", "c05"])
+    assert split.test == ["c00", "c01", "c04", "c05"]  # whole groups g0 and g2, whatever test_fraction says
+    assert sorted(c for fold in split.folds for c in fold.val) == sorted(set(groups) - set(split.test))
+    assert all(fold.val for fold in split.folds)
+    with pytest.raises(ConfigError, match=r"split.test_list: 1 case\(s\) not in the dataset"):
+        make_split(groups, k=3, seed=0, test_fraction=0.5, test_cases=["nope"])

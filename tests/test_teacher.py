@@ -21,7 +21,7 @@ from segpipe.train import load_model
 from tests.usc_phantom import VIDEOS, ingest_like_store, videos
 
 ROOT = Path(__file__).resolve().parents[1]
-STUDENT = {"arch": "unet", "channels": [8, 16, 32], "epochs": 2, "steps_per_epoch": 3, "batch_size": 4,
+STUDENT = {"arch": "unet", "image_size": [32, 32], "channels": [8, 16, 32], "epochs": 2, "steps_per_epoch": 3, "batch_size": 4,
            "lr": 0.01, "patience": 2, "val_fraction": 0.2, "seed": 0}
 # A student of a few steps is sure of no frame: min_confidence 0 keeps its labels all the same.
 CFG = PseudolabelConfig(smooth_frames=3, min_confidence=0.0, rounds=1, student=StudentConfig(**STUDENT))
@@ -40,7 +40,7 @@ def _run_stage(phantom: Path, images: CaseStore, out: Path, rounds: int) -> Path
     from tasks import labels as stage
 
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["datasets"]["usc_timit"].update(truth=str(phantom / "usc_timit_truth"), image_size=[32, 32])
+    params["datasets"]["usc_timit"].update(truth=str(phantom / "usc_timit_truth"))
     params["pseudolabel"] = CFG.model_copy(update={"rounds": rounds}).model_dump()
     params["device"] = "cpu"
     out.mkdir()
