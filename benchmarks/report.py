@@ -29,6 +29,11 @@ TARGETS: dict[str, list[Target]] = {
         ("training samples/s >= 0.9x the earlier commit's",
          lambda r: r["figures"]["samples_per_s_ours"]["head_vs_ref"], lambda v: v >= 0.9),
     ],
+    "real_kvasir": [
+        ("whole Kvasir chain (dvc repro) <= 60 min", lambda r: r["segpipe"]["chain_minutes"], lambda v: v <= 60),
+        ("mean Dice on the 60 held-out real pairs >= 0.80", lambda r: r["segpipe"]["mean_dice"], lambda v: v >= 0.80),
+        ("Dice >= 0.15 above the bare MONAI baseline", lambda r: r["dice_gain"], lambda v: v >= 0.15),
+    ],
     "sliding_window_against": [
         ("tiled inference Mpx/s >= 0.9x the earlier commit's",
          lambda r: r["figures"]["tiled_mpx_per_s"]["head_vs_ref"], lambda v: v >= 0.9),
