@@ -43,7 +43,8 @@ def device_name(device: torch.device) -> str:
 
 def quarter_octave(seconds: float) -> float:
     """`seconds` rounded up to the next 2 ** (k / 4): coarse enough that noise rarely crosses a step."""
-    return round(2 ** (math.ceil(4 * math.log2(max(seconds, 1e-4))) / 4), 6)
+    # The tolerance keeps a value already rounded (to 9 digits, up or down) in its own quarter octave.
+    return round(2 ** (math.ceil(4 * math.log2(max(seconds, 1e-4)) - 1e-4) / 4), 9)
 
 
 def measure(step: dict[str, Any], device: torch.device) -> float:

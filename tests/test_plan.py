@@ -141,7 +141,10 @@ def test_small_data_stop_at_max_passes_not_the_budget(tiny):
 
 def test_quarter_octaves_round_up_and_absorb_small_noise():
     assert step_time.quarter_octave(0.5) == 0.5
-    assert step_time.quarter_octave(0.51) == step_time.quarter_octave(0.58) == round(2 ** -0.75, 6)
+    assert step_time.quarter_octave(0.51) == step_time.quarter_octave(0.58) == round(2 ** -0.75, 9)
+    for k in range(-50, 10):  # a cached value read back stays in its quarter octave
+        rounded = step_time.quarter_octave(2 ** (k / 4))
+        assert step_time.quarter_octave(rounded) == rounded
 
 
 def test_a_plan_file_is_read_back_into_the_configs_of_the_stages(tiny, tmp_path):

@@ -15,10 +15,12 @@ import yaml
 import zarr
 from zarr.storage import LocalStore, LoggingStore
 
-from segpipe.config import DatasetConfig, TrainConfig
+from segpipe.config import DatasetConfig, Params, TrainConfig
 from segpipe import losses
 from segpipe.data import TileCrops, TrainingSet, load_samples, training_set, validation_batches
 from segpipe.errors import StoreError
+from segpipe.fingerprint import fingerprint
+from segpipe.plan import make_plan
 from segpipe.preprocess import frames_to_input, masks_to_target, resize
 from segpipe.splits import make_split
 from segpipe.store import CaseStore
@@ -253,8 +255,12 @@ def _stage_inputs(disc_stores, tmp_path: Path) -> list[str]:
     groups = {c: images.case_attrs(c)["group"] for c in images.case_ids()}
     split = make_split(groups, k=params["split"]["k"], seed=0, test_fraction=0.2)
     (tmp_path / "split.json").write_text(json.dumps(split.to_json()))
+    cases = sorted(c for fold in split.folds for c in fold.val)  # what the plan stage fingerprints
+    plan = make_plan(fingerprint(images, labels, cases), Params.model_validate(params), "kvasir", CPU)
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
     return ["--dataset", "kvasir", "--arch", "unet", "--fold", "0", "--params", str(tmp_path / "params.yaml"),
-            "--images", str(images.path), "--labels", str(labels.path), "--split", str(tmp_path / "split.json")]
+            "--images", str(images.path), "--labels", str(labels.path), "--split", str(tmp_path / "split.json"),
+            "--plan", str(tmp_path / "plan.json")]
 
 
 def _train(args: list[str], out: Path) -> subprocess.Popen:
