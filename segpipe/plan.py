@@ -168,8 +168,7 @@ def plan_epochs(fp: dict[str, Any], plan: dict[str, dict[str, Any]], params: Par
     given = train_value(cfg, dataset, "epochs")
     if given is not None:
         return override(*given)
-    per_dataset = cfg.per_dataset.get(dataset)
-    steps_per_epoch = (per_dataset and per_dataset.steps_per_epoch) or cfg.steps_per_epoch
+    steps_per_epoch = cfg.for_dataset(dataset).steps_per_epoch
     batch = plan["batch_size"]["value"]
     members = len(archs) * len(cfg.folds)
     times = []
