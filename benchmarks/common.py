@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from segpipe.step_time import cpu_model
 from tasks.common import MALLOC_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,13 +31,6 @@ def machine() -> dict[str, Any]:
             "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                                      text=True).stdout.strip(),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")}
-
-
-def cpu_model() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
-    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
-                platform.processor())
 
 
 def emit(result: dict[str, Any]) -> None:

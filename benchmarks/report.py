@@ -29,6 +29,9 @@ TARGETS: dict[str, list[Target]] = {
         ("training samples/s >= 0.9x the earlier commit's",
          lambda r: r["figures"]["samples_per_s_ours"]["head_vs_ref"], lambda v: v >= 0.9),
     ],
+    "predict": [
+        ("predict images/s >= 0.7x the members' bare forward passes", lambda r: r["ratio"], lambda v: v >= 0.7),
+    ],
     "real_kvasir": [
         ("whole Kvasir chain (dvc repro) <= 60 min", lambda r: r["segpipe"]["chain_minutes"], lambda v: v <= 60),
         ("mean Dice on the 60 held-out real pairs >= 0.80", lambda r: r["segpipe"]["mean_dice"], lambda v: v >= 0.80),

@@ -297,6 +297,15 @@ class AugmentConfig(Section):
         return getattr(self, dataset)
 
 
+class PredictConfig(Section):
+    """What `tasks.predict` flags for a person to check (segpipe/prediction_files.py)."""
+    min_confidence: float = Field(
+        0.75, gt=0, lt=1,
+        description="a predicted region whose mean probability is below this is flagged low_confidence, "
+        "as is an empty prediction with a pixel within half of the threshold",
+    )
+
+
 class PlanConfig(Section):
     """The rules of the plan stage (segpipe/plan.py): budgets and limits it plans within."""
     budget_minutes: dict[Literal[DATASET_NAMES], float] = Field(
@@ -334,6 +343,7 @@ class Params(Section):
     ensemble: EnsembleConfig
     augment: AugmentConfig = AugmentConfig()
     plan: PlanConfig = PlanConfig()
+    predict: PredictConfig = PredictConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> Params:

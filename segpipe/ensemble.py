@@ -10,7 +10,6 @@ written in whole chunks (the output is laid out in one shard per block: no shard
 """
 from __future__ import annotations
 
-import logging
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,10 +24,9 @@ from segpipe.atomic import Owner, atomic_dir
 from segpipe.config import EnsembleConfig
 from segpipe.errors import StoreError
 from segpipe.preprocess import to_float16, to_float32
+from segpipe.progress import tracked
 from segpipe.store import CaseStore, labelled_frames
 from segpipe.thresholds import bin_lookup, candidates, choose, dice_curves, fixed_choice, histograms
-
-log = logging.getLogger(__name__)
 
 TEST, VAL = "test", "val"
 
@@ -232,10 +230,31 @@ def ensemble_stores(
         "n_test_cases": len(members.test_cases),
         "n_val_cases": len(members.val_holders()),
     }
-    thresholds = np.array([c["threshold"] for c in choices], dtype=np.float32)
-    with atomic_dir(out, Owner("ensemble", members.stores[0].attrs["dataset"])) as tmp:
-        ensemble = CaseStore.create(tmp, dataset=members.stores[0].attrs["dataset"], classes=members.classes, **summary)
-        for case_id in members.test_cases:
-            write_ensemble_case(members, ensemble, case_id, thresholds, cfg.batch_frames)
-            log.info("ensembled %s", case_id)
+    write_ensemble(members, out, [c["threshold"] for c in choices], summary, cfg.batch_frames)
     return summary
+
+
+def apply_ensemble(paths: list[Path], out: Path, recorded: dict[str, Any], batch_frames: int) -> Members:
+    """The ensemble stage's mean and masks for new cases: every case of the member stores (predicted by
+    the same checkpoints) with the weighting and thresholds the stage recorded (`recorded`: its
+    reports/<dataset>/ensemble.json). The weights come from the members' val_dice again, as the stage
+    computed them, and must equal the recorded ones: a retrained member makes the record stale."""
+    members = Members.open(paths, recorded["weighting"])
+    expected = np.array([m["weight"] for m in recorded["members"]])
+    if expected.shape != members.weights.shape or not np.allclose(members.weights, expected, rtol=0, atol=1e-12):
+        raise StoreError(f"{members.stores[0].path}: member weights {members.weights.tolist()} differ from the "
+                         f"recorded {expected.tolist()}: a member was retrained since the ensemble stage ran")
+    thresholds = [recorded["thresholds"][name]["threshold"] for name in members.classes]
+    write_ensemble(members, out, thresholds, {"weighting": recorded["weighting"], "members": members.describe(),
+                                              "thresholds": recorded["thresholds"]}, batch_frames)
+    return members
+
+
+def write_ensemble(members: Members, out: Path, thresholds: list[float], attrs: dict[str, Any],
+                   batch_frames: int) -> None:
+    """The ensemble store at `out` (written atomically): every test case's mean and masks, `attrs` in its root."""
+    cut = np.array(thresholds, dtype=np.float32)
+    with atomic_dir(out, Owner("ensemble", members.stores[0].attrs["dataset"])) as tmp:
+        ensemble = CaseStore.create(tmp, dataset=members.stores[0].attrs["dataset"], classes=members.classes, **attrs)
+        for case_id in tracked(members.test_cases, f"ensemble {members.stores[0].attrs['dataset']}"):
+            write_ensemble_case(members, ensemble, case_id, cut, batch_frames)

@@ -45,8 +45,9 @@ import segpipe.encoded_image
 import segpipe.store
 from segpipe.atomic import Owner, atomic_dir
 from segpipe.config import IngestConfig
-from segpipe.datasets import CaseData, RawCase, reader, sha256
+from segpipe.datasets import CaseData, RawCase, Scan, reader, sha256
 from segpipe.errors import IngestError, SegpipeError
+from segpipe.progress import Progress
 from segpipe.store import IMAGE, VIDEO, CaseStore
 
 log = logging.getLogger(__name__)
@@ -102,10 +103,14 @@ class _Previous:
 
 
 def ingest(dataset: str, raw: Path, out: Path, cfg: IngestConfig, client: Client) -> IngestReport:
-    """Bring the store at `out` up to date with every case of `raw`; `client`'s workers hash,
-    decode and write the cases (they must see `raw` and `out` at the same paths)."""
+    """Bring the store at `out` up to date with every case of `raw` (a raw layout, or one image or
+    video file); `client`'s workers hash, decode and write the cases (they must see `raw` and `out`
+    at the same paths)."""
     module, raw, out = reader(dataset), Path(raw), Path(out)
-    scan = module.scan(raw)
+    if raw.is_file():
+        scan, raw = Scan([module.single_case(raw)], []), raw.parent  # sources are named relative to raw
+    else:
+        scan = module.scan(raw)
     cases, duplicates = _unique(scan.cases)
     report = IngestReport(dataset, found=len(scan.cases) + len(scan.problems), ingested=0)
     for problem in scan.problems + duplicates:
@@ -146,12 +151,14 @@ def _ingest_all(client: Client, cases: list[RawCase], store: CaseStore, raw: Pat
     """Have the workers decode `cases` and write them into `store`; count them or reject them."""
     outcomes: dict[str, CaseOutcome] = {}
     with closing(map_bounded(client, _ingest_cases, task_batches(cases, limit), limit, dataset=report.dataset,
-                             store=store.path, raw=raw, cfg=cfg)) as arriving:
+                             store=store.path, raw=raw, cfg=cfg)) as arriving, \
+            Progress(f"ingest {report.dataset}", len(cases)) as progress:
         for outcome in itertools.chain.from_iterable(arriving):
             if outcome.error and cfg.on_error == "fail":
                 raise IngestError(*outcome.error)
             outcomes[outcome.case_id] = outcome
             report.ingested += not outcome.error
+            progress.update()
     for case in cases:  # case order, so the report does not depend on which worker finished first
         outcome = outcomes[case.case_id]
         if outcome.error:

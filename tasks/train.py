@@ -3,17 +3,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from dvclive import Live
-from tqdm import tqdm
 
 from segpipe import augment, models
 from segpipe.atomic import Owner, resumable_dir
 from segpipe.data import training_set, validation_batches
 from segpipe.device import resolve_device
 from segpipe.plan_file import Plan
+from segpipe.progress import Progress
 from segpipe.splits import read_split
 from segpipe.store import CaseStore
 from segpipe.train import fit, new_model
@@ -30,11 +29,6 @@ def build_parser() -> argparse.ArgumentParser:
         "lives in .<out name>.partial.tmp beside --out until it completes",
     )
     return p
-
-
-def progress_bar(desc: str) -> tqdm:
-    """A per-step bar on a terminal; nothing in logs (DVC, Prefect, CI)."""
-    return tqdm(desc=desc, unit="step", disable=not sys.stderr.isatty())
 
 
 def drop_torn_live_summary(metrics_dir: Path) -> None:
@@ -76,11 +70,12 @@ def main(ns: argparse.Namespace) -> None:
     with (
         resumable_dir(out, ns.resume, owner) as work,
         Live(str(metrics_dir), save_dvc_exp=False, dvcyaml=None, resume=ns.resume) as live,
-        progress_bar(f"train {ns.dataset}/{ns.arch}/fold{ns.fold}") as bar,
+        Progress(f"train {ns.dataset}/{ns.arch}/fold{ns.fold}", None, unit="step") as steps,
     ):
         def progress(done: int, total: int) -> None:
-            bar.total = total
-            bar.update(done - bar.n)
+            if steps.total != total:
+                steps.set_total(total)
+            steps.update(done - steps.done)
 
         result = fit(
             model, train, val, cfg, work, resolve_device(params.device), meta,

@@ -72,3 +72,15 @@ def shared_data() -> Path:
 
 # Mark for tests that read ../shared/data: skipped with the reason when absent, failed under CI.
 needs_shared_data = pytest.mark.usefixtures("shared_data")
+
+
+@pytest.fixture(scope="session")
+def trained_repo(tmp_path_factory) -> Path:
+    """A shrunk demo repo after a full `dvc repro`: trained members, tuned ensembles, and the raw
+    demo files. Shared by every test that uses a trained model (predict, export, the predict
+    deployment), so none of them may change it: copy what you need to edit."""
+    from tests.pipeline_repo import dvc, make_repo
+
+    repo = make_repo(tmp_path_factory.mktemp("trained"))
+    dvc(repo, "repro")
+    return repo

@@ -81,6 +81,35 @@ def test_image_without_its_mask_is_a_structural_error_naming_the_image(tmp_path)
         kvasir.list_cases(tmp_path)
 
 
+def test_a_layout_without_a_masks_folder_is_read_as_unlabelled_images_to_predict(tmp_path):
+    for stem in ("a", "b"):
+        write_pair(tmp_path, stem)
+    for mask in (tmp_path / "masks").iterdir():
+        mask.unlink()
+    (tmp_path / "masks").rmdir()
+    cases = kvasir.list_cases(tmp_path)
+    assert [(c.case_id, c.label) for c in cases] == [("a", None), ("b", None)]
+    data = kvasir.load_case(cases[0])
+    assert data.mask is None and data.image.shape == (40, 48, 3)
+    with dask_client(DaskConfig(n_workers=1)) as client:
+        report = ingest("kvasir", tmp_path, tmp_path / "store.zarr", IngestConfig(), client)
+    store = CaseStore(tmp_path / "store.zarr")
+    assert report.ingested == 2 and store.case_ids() == ["a", "b"]
+    assert not store.has("a", "mask") and store.case_attrs("a")["labelled"] is False
+
+
+def test_one_image_file_is_ingested_on_its_own_and_another_suffix_is_refused(tmp_path):
+    write_pair(tmp_path / "raw", "a")
+    image = tmp_path / "raw" / "images" / "a.jpg"
+    with dask_client(DaskConfig(n_workers=1)) as client:
+        ingest("kvasir", image, tmp_path / "one.zarr", IngestConfig(), client)
+    store = CaseStore(tmp_path / "one.zarr")
+    assert store.case_ids() == ["a"] and store.case_attrs("a")["source"] == "a.jpg"
+    np.testing.assert_array_equal(np.asarray(store.image("a")), np.asarray(Image.open(image).convert("RGB")))
+    with pytest.raises(IngestError, match=r"notes\.txt: not a Kvasir image"):
+        kvasir.single_case(tmp_path / "notes.txt")
+
+
 def test_mask_without_its_image_is_a_structural_error_naming_the_mask(tmp_path):
     write_pair(tmp_path, "a")
     (tmp_path / "images" / "a.jpg").unlink()

@@ -4,6 +4,7 @@ A reader module offers:
     CLASSES                      the class names, in mask-channel order
     scan(raw) -> Scan            the cases found, plus structural problems (kept, not raised)
     list_cases(raw)              the cases, sorted by id; raises the first structural problem
+    single_case(path) -> RawCase one image or video file on its own, unlabelled (what predict reads)
     load_case(case) -> CaseData  reads one case as ingest stores it; raises IngestError naming the bad file
     decode_case(case) -> CaseData  the same case with every file decoded to pixels (what a script
                                    reading the dataset does: the ingest benchmark's baseline)

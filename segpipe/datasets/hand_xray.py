@@ -66,6 +66,13 @@ def list_cases(raw: Path) -> list[RawCase]:
     return scan(raw).strict()
 
 
+def single_case(path: Path) -> RawCase:
+    """One X-ray file on its own, unlabelled (as a `test` image)."""
+    if path.suffix.lower() != ".png":
+        raise IngestError(path, "not an X-ray image of this layout: expected a .png")
+    return RawCase(path.stem, path.stem, path, meta={"split": "test"})
+
+
 def load_case(case: RawCase) -> CaseData:
     image, mode = _gray(case.source)
     mask = None if case.label is None else rasterise(_annotations(case.label), image.shape, case.label)

@@ -1,5 +1,8 @@
 """Kvasir-SEG: `images/<id>.jpg` + `masks/<id>.jpg`, optionally `kavsir_bboxes.json`.
 
+A layout with no `masks/` folder at all holds images to predict: they are ingested unlabelled
+(with a `masks/` folder, every image needs its mask). `single_case` reads one image file alone.
+
 The masks are 3-channel JPEGs with compression noise around 0 and 255. They are converted to
 grayscale (PIL's ITU-R 601-2 luma) and thresholded at > 127: the three channels carry the same
 content, and a weighted mean of them averages out the per-channel chroma noise instead of
@@ -37,7 +40,8 @@ THRESHOLD = 127
 
 def scan(raw: Path) -> Scan:
     images, problems = split_by_suffix(require_dir(raw / "images"), SUFFIXES)
-    masks, mask_problems = split_by_suffix(require_dir(raw / "masks"), SUFFIXES)
+    labelled = (raw / "masks").exists()
+    masks, mask_problems = split_by_suffix(require_dir(raw / "masks"), SUFFIXES) if labelled else ({}, [])
     problems += mask_problems
     orphans = sorted(masks.keys() - images.keys())
     problems += [IngestError(masks[stem], "mask without its image in images/") for stem in orphans]
@@ -52,13 +56,13 @@ def scan(raw: Path) -> Scan:
                     len(spare), ", ".join(spare[:5]) + (", ..." if len(spare) > 5 else ""))
     cases = []
     for stem, image in sorted(images.items()):
-        if stem not in masks:
+        if labelled and stem not in masks:
             problems.append(IngestError(image, "image without its mask in masks/"))
         elif boxes is not None and stem not in boxes:
             problems.append(IngestError(image, f"no entry in {BBOXES}"))
         else:
             meta = {} if boxes is None else {"box_entry": boxes[stem]}
-            cases.append(RawCase(case_id=stem, group=stem, source=image, label=masks[stem], meta=meta))
+            cases.append(RawCase(case_id=stem, group=stem, source=image, label=masks.get(stem), meta=meta))
     if not images and not masks:
         problems.append(IngestError(raw / "images", "no images found"))
     return Scan(cases, problems)
@@ -66,6 +70,13 @@ def scan(raw: Path) -> Scan:
 
 def list_cases(raw: Path) -> list[RawCase]:
     return scan(raw).strict()
+
+
+def single_case(path: Path) -> RawCase:
+    """One image file on its own, unlabelled."""
+    if path.suffix.lower() not in SUFFIXES:
+        raise IngestError(path, f"not a Kvasir image: expected one of {sorted(SUFFIXES)}")
+    return RawCase(case_id=path.stem, group=path.stem, source=path)
 
 
 def load_case(case: RawCase) -> CaseData:
@@ -86,14 +97,14 @@ def _rgb(path: Path) -> np.ndarray:
 
 
 def _case_data(case: RawCase, image: np.ndarray | EncodedImage) -> CaseData:
-    mask = to_8bit(open_image(case.label), "L", case.label) > THRESHOLD
-    if mask.shape != image.shape[:2]:
+    mask = None if case.label is None else to_8bit(open_image(case.label), "L", case.label) > THRESHOLD
+    if mask is not None and mask.shape != image.shape[:2]:
         raise IngestError(case.label, f"mask size {_hw(mask.shape)} != image size {_hw(image.shape)}")
     entry = case.meta.get("box_entry")
     if entry is not None:
         _check_entry(case.source, image.shape, entry)
     attrs = {"kind": "image", "bboxes": list(entry["bbox"]) if entry else []}
-    return CaseData(image=image, mask=mask[None].astype(np.uint8), attrs=attrs)
+    return CaseData(image=image, mask=None if mask is None else mask[None].astype(np.uint8), attrs=attrs)
 
 
 def _read_boxes(path: Path) -> dict[str, Any] | None:

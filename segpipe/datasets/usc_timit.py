@@ -76,6 +76,13 @@ def list_cases(raw: Path) -> list[RawCase]:
     return scan(raw).strict()
 
 
+def single_case(path: Path) -> RawCase:
+    """One video file on its own (no speaker folder: the clip is its own group)."""
+    if path.suffix.lower() not in VIDEO_SUFFIXES:
+        raise IngestError(path, f"not a video: expected one of {sorted(VIDEO_SUFFIXES)}")
+    return RawCase(case_id=path.stem, group=path.stem, source=path)
+
+
 def load_case(case: RawCase) -> CaseData:
     frames, times, fps = _decode(case.source)
     image = np.stack(frames)
