@@ -6,8 +6,13 @@ and a flow run never leaves an artifact that `dvc status` calls stale. The DAG i
 dvc.yaml (flows.graph). A stage is submitted once all its upstream stages have finished, so
 independent stages (e.g. training folds) run at once as separate DVC processes.
 
-    python -m flows.pipeline run [--repo .] [--targets train ...] [--max-parallel 2] [--retries 1]
-    python -m flows.pipeline serve [--cron "0 2 * * *"]       # nightly re-ingest and retrain
+    segpipe run [--repo .] [--targets train ...] [--max-parallel 2] [--retries 1]
+    segpipe serve [--repo .] [--cron "0 2 * * *"]   # nightly retrain, and predict on demand
+    segpipe predict --dataset D --input PATH --out DIR   # = python -m tasks.predict ...
+    segpipe export --dataset D --out DIR                 # = python -m tasks.export ...
+
+`segpipe` is `python -m flows.pipeline`. `serve` serves two deployments: `segpipe/nightly` (this
+flow, on the cron schedule) and `predict/predict` (flows.predict, run on demand).
 """
 
 from __future__ import annotations
@@ -30,11 +35,13 @@ for _key, _value in {
     os.environ.setdefault(_key, _value)
 
 import argparse  # noqa: E402
+import importlib  # noqa: E402
 import json  # noqa: E402
 import queue  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 from collections import deque  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 
 import networkx as nx  # noqa: E402
 from prefect import flow, get_run_logger, task  # noqa: E402
@@ -77,6 +84,8 @@ def stage_env(threads: int) -> dict[str, str]:
     # Stages running at once share the cores: torch spinning more threads than cores makes two
     # concurrent trainings several times slower than one after the other.
     env.setdefault("OMP_NUM_THREADS", str(threads))
+    # Unbuffered, so that a command's prints reach the log as they happen, in order with its errors.
+    env.setdefault("PYTHONUNBUFFERED", "1")
     return env
 
 
@@ -98,37 +107,42 @@ def outcome_of(seen: set[str]) -> str:
     return next((outcome for outcome in MARKERS if outcome in seen), RAN)
 
 
-@task(name="dvc-stage", task_run_name="{stage}", cache_policy=NO_CACHE)
-def run_stage(repo: str, stage: str, threads: int) -> str:
-    """Run one stage through DVC; return RAN, RESTORED or UP_TO_DATE. No Prefect caching:
-    DVC decides whether the stage is up to date."""
+def run_logged(cmd: list[str], cwd: str, env: dict[str, str],
+               watch: Callable[[str], None] = lambda line: None) -> tuple[int, list[str]]:
+    """Run `cmd` in `cwd`, logging its output (stderr merged in) line by line as it comes, so
+    that a long run logs as it goes; `watch` sees each line too. Returns the exit code and the
+    last TAIL_LINES lines, for the error of a failed run."""
     logger = get_run_logger()
-    proc = subprocess.Popen(
-        dvc_command("repro", "--single-item", stage),
-        cwd=repo,
-        env=stage_env(threads),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        errors="replace",
-    )
-    seen: set[str] = set()
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, errors="replace")
     tail: deque[str] = deque(maxlen=TAIL_LINES)
     assert proc.stdout is not None
-    for line in proc.stdout:  # streamed, so a long training run logs as it goes
+    for line in proc.stdout:
         line = line.rstrip()
         if not line:
             continue  # DVC spaces its hints with blank lines; in a log they are noise
         logger.info("%s", line)
         tail.append(line)
-        seen.update(o for o, marker in MARKERS.items() if marker.format(stage) in line)
-    if proc.wait() != 0:
+        watch(line)
+    return proc.wait(), list(tail)
+
+
+@task(name="dvc-stage", task_run_name="{stage}", cache_policy=NO_CACHE)
+def run_stage(repo: str, stage: str, threads: int) -> str:
+    """Run one stage through DVC; return RAN, RESTORED or UP_TO_DATE. No Prefect caching:
+    DVC decides whether the stage is up to date."""
+    seen: set[str] = set()
+    code, tail = run_logged(
+        dvc_command("repro", "--single-item", stage), repo, stage_env(threads),
+        watch=lambda line: seen.update(o for o, m in MARKERS.items() if m.format(stage) in line),
+    )
+    if code != 0:
         raise StageFailed(
             f"stage {stage!r} failed: `dvc repro --single-item {stage}` exited with "
-            f"{proc.returncode}; its last lines:\n" + "\n".join(tail)
+            f"{code}; its last lines:\n" + "\n".join(tail)
         )
     outcome = outcome_of(seen)
-    logger.info("stage %s: %s", stage, outcome)
+    get_run_logger().info("stage %s: %s", stage, outcome)
     return outcome
 
 
@@ -243,19 +257,57 @@ def pipeline(
     return summary
 
 
+# `segpipe predict ...` and `segpipe export ...` hand their arguments, unchanged, to these stage
+# modules: their own parsers give the help, the errors and the exit codes.
+FORWARDED = {
+    "predict": "segment new images with a trained ensemble (tasks.predict)",
+    "export": "export a trained ensemble to run without segpipe (tasks.export)",
+}
+
+
 def deployment(name: str, cron: str, parameters: dict):
-    """The scheduled deployment that `serve` runs (at most one run at a time: see main)."""
-    return pipeline.to_deployment(name=name, cron=cron, parameters=parameters)
+    """The scheduled deployment that `serve` runs. The server holds it to one run at a time (two
+    would race on the same repo) without holding up the predict deployment served beside it."""
+    return pipeline.to_deployment(name=name, cron=cron, parameters=parameters, concurrency_limit=1)
+
+
+def serve(name: str, cron: str, parameters: dict) -> int:
+    """Serve the nightly pipeline and, on the same repo, the unscheduled predict deployment."""
+    import prefect
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        print("note: schedules need a running server: `prefect server start`, then set "
+              "PREFECT_API_URL", file=sys.stderr)
+    # Served runs import the flow files by path and `flows.*` from the working directory.
+    os.chdir(PROJECT_ROOT)
+    from flows.predict import deployment as predict_deployment  # here: it imports this module
+
+    prefect.serve(deployment(name, cron, parameters), predict_deployment(parameters["repo"]))
+    return 0
+
+
+def forward(command: str, argv: list[str]) -> int:
+    """Run `tasks.<command>` on `argv` as `python -m tasks.<command> ...` does; imported only
+    now, as the stages pull in torch."""
+    from tasks.common import run
+
+    module = importlib.import_module(f"tasks.{command}")
+    parser = module.build_parser()
+    parser.prog = f"segpipe {command}"
+    sys.argv = [parser.prog, *argv]  # what `run` parses, as in the module's own __main__
+    run(module.main, parser)
+    return 0
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m flows.pipeline", description=__doc__,
+    parser = argparse.ArgumentParser(prog="segpipe", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run the pipeline once")
-    serve = commands.add_parser("serve", help="serve the pipeline as a scheduled deployment")
+    serve = commands.add_parser("serve", help="serve the nightly pipeline and on-demand predict")
     serve.add_argument("--cron", default="0 2 * * *", help="schedule (default: nightly, 02:00)")
-    serve.add_argument("--name", default="nightly", help="deployment name")
+    serve.add_argument("--name", default="nightly", help="the pipeline deployment's name")
     for sub in (run, serve):
         sub.add_argument("--repo", default=".", help="DVC repo root (default: .)")
         sub.add_argument("--targets", nargs="+", metavar="STAGE",
@@ -264,25 +316,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         sub.add_argument("--retries", type=int, default=1, help="retries per stage (default 1)")
         sub.add_argument("--no-verify", dest="verify", action="store_false",
                          help="skip the `dvc status` check after the run")
+    for name, summary in FORWARDED.items():  # listed for --help; main dispatches them unparsed
+        commands.add_parser(name, help=f"{summary}; see `segpipe {name} --help`", add_help=False)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in FORWARDED:  # before argparse, which would claim --help and options
+        return forward(argv[0], argv[1:])
     args = parse_args(argv)
     parameters = {"repo": str(Path(args.repo).resolve()), "targets": args.targets,
                   "max_parallel": args.max_parallel, "retries": args.retries,
                   "verify": args.verify}
     if args.command == "serve":
-        import prefect
-        from prefect.settings import PREFECT_API_URL
-
-        if not PREFECT_API_URL.value():
-            print("note: schedules need a running server: `prefect server start`, then set "
-                  "PREFECT_API_URL", file=sys.stderr)
-        # Served runs import this file by path and `flows.graph` from the working directory.
-        os.chdir(PROJECT_ROOT)
-        prefect.serve(deployment(args.name, args.cron, parameters), limit=1)
-        return 0
+        return serve(args.name, args.cron, parameters)
     try:
         summary = pipeline(**parameters)
     except PipelineFailed as exc:

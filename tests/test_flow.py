@@ -248,4 +248,5 @@ def test_serve_builds_a_cron_deployment_of_the_flow(flows_pipeline):
     assert deployment.name == "nightly"
     assert deployment.entrypoint.endswith("flows/pipeline.py:pipeline")
     assert [s.schedule.cron for s in deployment.schedules] == ["0 2 * * *"]
+    assert deployment.concurrency_limit == 1  # held by the server, per deployment
     assert deployment.parameters == params
