@@ -31,7 +31,7 @@ from benchmarks.common import emit, start_as_stages_do
 from benchmarks.kvasir_baseline import RAW, held_out_ids, read_image
 from benchmarks.real_kvasir import pipeline_repo, repro
 from segpipe.config import InferConfig
-from segpipe.infer import tta_logits
+from segpipe.infer_core import tta_logits
 from segpipe.preprocess import frames_to_input, resize
 from segpipe.train import load_model
 

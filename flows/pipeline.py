@@ -76,7 +76,7 @@ def dvc_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "dvc", "--wait-for-lock", *args]
 
 
-def stage_env(threads: int) -> dict[str, str]:
+def stage_env(threads: int, gpu: str | None = None) -> dict[str, str]:
     # Stage commands say `python -m tasks...`: put this interpreter first on PATH so they run
     # in the flow's environment even when it was started as `.venv/bin/python` unactivated.
     env = dict(os.environ)
@@ -84,6 +84,8 @@ def stage_env(threads: int) -> dict[str, str]:
     # Stages running at once share the cores: torch spinning more threads than cores makes two
     # concurrent trainings several times slower than one after the other.
     env.setdefault("OMP_NUM_THREADS", str(threads))
+    if gpu is not None:  # the stage sees its one GPU as cuda:0
+        env["CUDA_VISIBLE_DEVICES"] = gpu
     # Unbuffered, so that a command's prints reach the log as they happen, in order with its errors.
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
@@ -91,6 +93,22 @@ def stage_env(threads: int) -> dict[str, str]:
 
 def threads_per_stage(max_parallel: int) -> int:
     return max(1, (os.cpu_count() or 1) // max_parallel)
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs this flow may hand out: those CUDA_VISIBLE_DEVICES names, else every one torch sees."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [gpu.strip() for gpu in listed.split(",") if gpu.strip()]
+    import torch  # only here: the flow itself needs no torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def gpu_of_slot(slot: int, gpus: list[str]) -> str | None:
+    """The GPU of the `slot`-th of the stages running at once: its own while there are enough GPUs,
+    shared round-robin beyond; None without GPUs (CPU: the stage gets cores / max_parallel threads)."""
+    return gpus[slot % len(gpus)] if gpus else None
 
 
 # What `dvc repro` prints for each outcome (DVC 3.x wording), in order of precedence.
@@ -128,12 +146,12 @@ def run_logged(cmd: list[str], cwd: str, env: dict[str, str],
 
 
 @task(name="dvc-stage", task_run_name="{stage}", cache_policy=NO_CACHE)
-def run_stage(repo: str, stage: str, threads: int) -> str:
+def run_stage(repo: str, stage: str, threads: int, gpu: str | None = None) -> str:
     """Run one stage through DVC; return RAN, RESTORED or UP_TO_DATE. No Prefect caching:
     DVC decides whether the stage is up to date."""
     seen: set[str] = set()
     code, tail = run_logged(
-        dvc_command("repro", "--single-item", stage), repo, stage_env(threads),
+        dvc_command("repro", "--single-item", stage), repo, stage_env(threads, gpu),
         watch=lambda line: seen.update(o for o, m in MARKERS.items() if m.format(stage) in line),
     )
     if code != 0:
@@ -175,40 +193,47 @@ def run_graph(graph: nx.DiGraph, repo: str, max_parallel: int, retries: int) -> 
     summary = dict.fromkeys(order, NOT_RUN)
     errors: dict[str, BaseException] = {}
     missing = {stage: graph.in_degree(stage) for stage in order}
+    ready = [stage for stage in order if missing[stage] == 0]
     futures: dict = {}
     finished: queue.SimpleQueue[str] = queue.SimpleQueue()
     stage_task = run_stage.with_options(retries=retries)
+    # A slot per stage running at once: it decides the stage's GPU (gpu_of_slot), so at most
+    # max_parallel stages are submitted at a time and a finished stage hands its slot on.
+    gpus, free_slots, slot_of = visible_gpus(), list(range(max_parallel)), {}
 
     # A runner of our own rather than the flow's: its size is a flow parameter, so that a
     # served deployment can change it per run.
     with ThreadPoolTaskRunner(max_workers=max_parallel) as runner:
 
-        def submit(stage: str) -> None:
-            upstream = [futures[u] for u in graph.predecessors(stage)]
-            parameters = {"repo": repo, "stage": stage, "threads": threads_per_stage(max_parallel)}
-            future = runner.submit(stage_task, parameters, wait_for=upstream)
-            futures[stage] = future
-            future.add_done_callback(lambda _, s=stage: finished.put(s))
+        def submit_ready() -> None:
+            while ready and free_slots:
+                stage = ready.pop(0)
+                slot_of[stage] = free_slots.pop(0)
+                upstream = [futures[u] for u in graph.predecessors(stage)]
+                parameters = {"repo": repo, "stage": stage, "threads": threads_per_stage(max_parallel),
+                              "gpu": gpu_of_slot(slot_of[stage], gpus)}
+                future = runner.submit(stage_task, parameters, wait_for=upstream)
+                futures[stage] = future
+                future.add_done_callback(lambda _, s=stage: finished.put(s))
 
-        for stage in order:
-            if missing[stage] == 0:
-                submit(stage)
-        in_flight = len(futures)
-        while in_flight:
+        submit_ready()
+        while len(free_slots) < max_parallel:
             stage = finished.get()
-            in_flight -= 1
+            free_slots.append(slot_of[stage])
+            free_slots.sort()
             future = futures[stage]
             future.wait()  # records the final state on the future
             if not future.state.is_completed():
                 summary[stage] = FAILED
                 errors[stage] = future.result(raise_on_failure=False)
-                continue
-            summary[stage] = future.result()
-            for child in sorted(graph.successors(stage), key=rank.get):
-                missing[child] -= 1
-                if missing[child] == 0:
-                    submit(child)
-                    in_flight += 1
+            else:
+                summary[stage] = future.result()
+                for child in graph.successors(stage):
+                    missing[child] -= 1
+                    if missing[child] == 0:
+                        ready.append(child)
+                ready.sort(key=rank.get)
+            submit_ready()
     return summary, errors
 
 

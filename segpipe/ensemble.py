@@ -17,13 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 import zarr
 
 from segpipe.atomic import Owner, atomic_dir
 from segpipe.config import EnsembleConfig
+from segpipe.ensemble_core import cut, weighted_mean
 from segpipe.errors import StoreError
-from segpipe.preprocess import to_float16, to_float32
 from segpipe.progress import tracked
 from segpipe.store import CaseStore, labelled_frames
 from segpipe.thresholds import bin_lookup, candidates, choose, dice_curves, fixed_choice, histograms
@@ -149,11 +148,7 @@ def write_block(array: zarr.Array, video: bool, frames: slice, rows: slice, bloc
 
 def mean_block(arrays: list[zarr.Array], weights: np.ndarray, video: bool, frames: slice, rows: slice) -> np.ndarray:
     """The weighted mean of one block of every array, as float16 (what is stored and thresholded)."""
-    total = None
-    for array, weight in zip(arrays, weights):
-        part = torch.from_numpy(np.ascontiguousarray(read_block(array, video, frames, rows))).float()
-        total = part.mul_(float(weight)) if total is None else total.add_(part, alpha=float(weight))
-    return to_float16(total)
+    return weighted_mean((read_block(array, video, frames, rows) for array in arrays), weights)
 
 
 def val_histograms(members: Members, labels: CaseStore, case_id: str, holders: list[int], lookup: np.ndarray,
@@ -206,11 +201,10 @@ def write_ensemble_case(members: Members, ensemble: CaseStore, case_id: str, thr
     shape, band = arrays[0].shape, batch_frames if video else arrays[0].chunks[-2]
     prob_out = ensemble.create_banded(case_id, "prob", shape, "float16", video, band)
     mask_out = ensemble.create_banded(case_id, "mask", shape, "uint8", video, band)
-    cut = thresholds[None, :, None, None]
     for frames, rows in blocks(arrays[0], video, batch_frames):
         prob = mean_block(arrays, members.weights, video, frames, rows)
         write_block(prob_out, video, frames, rows, prob)
-        write_block(mask_out, video, frames, rows, (to_float32(prob) >= cut).astype(np.uint8))
+        write_block(mask_out, video, frames, rows, cut(prob, thresholds))
 
 
 def ensemble_stores(
@@ -253,8 +247,8 @@ def apply_ensemble(paths: list[Path], out: Path, recorded: dict[str, Any], batch
 def write_ensemble(members: Members, out: Path, thresholds: list[float], attrs: dict[str, Any],
                    batch_frames: int) -> None:
     """The ensemble store at `out` (written atomically): every test case's mean and masks, `attrs` in its root."""
-    cut = np.array(thresholds, dtype=np.float32)
+    cuts = np.array(thresholds, dtype=np.float32)
     with atomic_dir(out, Owner("ensemble", members.stores[0].attrs["dataset"])) as tmp:
         ensemble = CaseStore.create(tmp, dataset=members.stores[0].attrs["dataset"], classes=members.classes, **attrs)
         for case_id in tracked(members.test_cases, f"ensemble {members.stores[0].attrs['dataset']}"):
-            write_ensemble_case(members, ensemble, case_id, cut, batch_frames)
+            write_ensemble_case(members, ensemble, case_id, cuts, batch_frames)

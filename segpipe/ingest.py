@@ -102,15 +102,13 @@ class _Previous:
     failed: dict[str, dict[str, Any]]  # case id -> its skip entry (cases whose decoding failed)
 
 
-def ingest(dataset: str, raw: Path, out: Path, cfg: IngestConfig, client: Client) -> IngestReport:
-    """Bring the store at `out` up to date with every case of `raw` (a raw layout, or one image or
-    video file); `client`'s workers hash, decode and write the cases (they must see `raw` and `out`
-    at the same paths)."""
+def ingest(dataset: str, raw: Path, out: Path, cfg: IngestConfig, client: Client, scan: Scan | None = None
+           ) -> IngestReport:
+    """Bring the store at `out` up to date with every case of `raw`'s layout, or of `scan` where given
+    (files found otherwise, named relative to `raw`: segpipe.predict's inputs); `client`'s workers
+    hash, decode and write the cases (they must see `raw` and `out` at the same paths)."""
     module, raw, out = reader(dataset), Path(raw), Path(out)
-    if raw.is_file():
-        scan, raw = Scan([module.single_case(raw)], []), raw.parent  # sources are named relative to raw
-    else:
-        scan = module.scan(raw)
+    scan = scan or module.scan(raw)
     cases, duplicates = _unique(scan.cases)
     report = IngestReport(dataset, found=len(scan.cases) + len(scan.problems), ingested=0)
     for problem in scan.problems + duplicates:

@@ -2,12 +2,14 @@
 scheduler named in params for a real cluster."""
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
-from distributed import Client, LocalCluster
+from distributed import Client, LocalCluster, as_completed
 
 from segpipe.config import DaskConfig
+from segpipe.progress import Progress
 
 
 @contextmanager
@@ -24,3 +26,14 @@ def dask_client(cfg: DaskConfig) -> Iterator[Client]:
         dashboard_address=":0",
     ) as cluster, Client(cluster) as client:
         yield client
+
+
+def map_tracked(client: Client, fn: Callable[..., Any], items: list[Any], desc: str, unit: str = "case",
+                **kwargs: Any) -> list[Any]:
+    """`[fn(item, **kwargs) for item in items]` on the cluster, in the order of `items`, counting each
+    as it finishes (segpipe.progress). The first failure is raised once the rest have finished."""
+    futures = client.map(fn, items, pure=False, **kwargs)
+    with Progress(desc, len(futures), unit) as progress:
+        for _ in as_completed(futures):
+            progress.update()
+    return client.gather(futures)

@@ -1,10 +1,10 @@
 """New data through the trained ensemble: what `tasks.predict` (`segpipe predict`) runs.
 
 It takes the pipeline's own path, so that its answer is the pipeline's, bit for bit:
-    1. the input is read into a working store: a segpipe Zarr store as it is, or a folder in the
-       dataset's raw layout (labels optional) or one image or video file, ingested by the dataset's
-       reader with the usual checks (segpipe.ingest; a bad file fails, or with on_error "skip" is
-       left out and listed);
+    1. the input is read into a working store: a segpipe Zarr store as it is; else ingested by the
+       dataset's reader with the usual checks (segpipe.ingest; a bad file fails, or with on_error
+       "skip" is left out and listed): a folder in the dataset's raw layout (labels optional), a
+       folder of image or video files alone, or one file;
     2. every member the ensemble stage recorded (reports/<dataset>/ensemble.json, in its order)
        predicts every case (segpipe.infer.predict_store: its checkpoint, the plan's test-time
        flips, tiles where the model was trained on tiles), on the Dask cluster;
@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Any
 from segpipe.atomic import Owner, atomic_dir, write_json
 from segpipe.config import EnsembleConfig, IngestConfig, InferConfig, PredictConfig
 from segpipe.ensemble import apply_ensemble
-from segpipe.errors import StoreError
+from segpipe.datasets import Scan, reader, visible
+from segpipe.errors import IngestError, StoreError
 from segpipe.infer import predict_store
 from segpipe.ingest import ingest
 from segpipe.prediction_files import write_files
@@ -61,6 +62,24 @@ class PredictSummary:
                 f"{len(self.low_confidence)} with a low-confidence class")
 
 
+def input_scan(dataset: str, source: Path) -> tuple[Scan, Path]:
+    """The cases of an input that is not a store, and the folder their sources are named from: one
+    file; a folder of files alone (no subfolder), each file a case; else the dataset's raw layout."""
+    module = reader(dataset)
+    if source.is_file():
+        return Scan([module.single_case(source)], []), source.parent
+    entries = visible(source)
+    if entries and all(entry.is_file() for entry in entries):
+        cases, problems = [], []
+        for entry in entries:
+            try:
+                cases.append(module.single_case(entry))
+            except IngestError as exc:
+                problems.append(exc)
+        return Scan(cases, problems), source
+    return module.scan(source), source
+
+
 def input_store(dataset: str, source: Path, work: Path, cfg: IngestConfig, client: Client
                 ) -> tuple[CaseStore, list[dict[str, Any]]]:
     """The cases to predict, and the input files left out (on_error "skip"): a segpipe store as it is,
@@ -73,7 +92,8 @@ def input_store(dataset: str, source: Path, work: Path, cfg: IngestConfig, clien
         if missing or not store.case_ids():
             raise StoreError(f"{source}: no images to predict" + (f" in case {missing[0]!r}" if missing else ""))
         return store, []
-    report = ingest(dataset, source, work / "images.zarr", cfg, client)
+    scan, root = input_scan(dataset, source)
+    report = ingest(dataset, root, work / "images.zarr", cfg, client, scan)
     return CaseStore(work / "images.zarr"), report.skipped
 
 
@@ -90,7 +110,7 @@ def predict(trained: Trained, source: Path, out: Path, ingest_cfg: IngestConfig,
         for checkpoint, member in zip(trained.checkpoints, members):
             predict_store(checkpoint, images, roles, member, infer_cfg, device, client)
         apply_ensemble(members, tmp / PREDICTIONS, trained.recorded, ensemble_cfg.batch_frames)
-        rows = write_files(CaseStore(tmp / PREDICTIONS, mode="r+"), images, tmp, predict_cfg)
+        rows = write_files(CaseStore(tmp / PREDICTIONS), images, tmp, predict_cfg, client)
         summary = PredictSummary(trained.dataset, str(source), sorted(roles), skipped,
                                  sorted({row["case_id"] for row in rows if row["low_confidence"]}))
         write_json(tmp / SUMMARY, {**summary.__dict__, "members": trained.recorded["members"],

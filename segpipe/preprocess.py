@@ -1,5 +1,7 @@
 """From stored frames to model tensors and back: the one place that decides intensity
-normalisation and resizing, shared by training and inference so both see the same input."""
+normalisation and resizing, shared by training and inference so both see the same input.
+
+Portable: imports nothing of segpipe, so an exported bundle runs it too (segpipe.export)."""
 from __future__ import annotations
 
 from typing import Any

@@ -46,7 +46,7 @@ from segpipe.atomic import Owner, atomic_dir
 from segpipe.config import DatasetConfig, InferConfig, PseudolabelConfig, StudentConfig
 from segpipe.data import training_set, validation_batches
 from segpipe.errors import ConfigError
-from segpipe.infer import predict_frames
+from segpipe.infer_core import predict_frames
 from segpipe.pseudolabel import CLASSES, pseudolabel_store, write_labelled_video
 from segpipe.store import CaseStore, labelled_frames
 from segpipe.train import fit, load_model, new_model

@@ -5,6 +5,8 @@ Tile placement is MONAI's (`monai.inferers.utils._get_scan_interval` + `monai.da
 start at 0, step int(tile * (1 - overlap)), last tile flush with the far edge. Matching it lets
 inference be checked against `sliding_window_inference` exactly. Weights come from MONAI's own
 `compute_importance_map` (gaussian sigma = tile / 8, or constant).
+
+Portable: imports nothing of segpipe, so an exported bundle runs it too (segpipe.export).
 """
 from __future__ import annotations
 
@@ -118,3 +120,10 @@ class BandBlender:
             buffer[:, :kept] = buffer[:, n:].clone()
             buffer[:, kept:] = 0
         self.base, self.done = end + self.top, end
+
+
+def even_tile(size: int, chunk: int) -> int:
+    """The tile side that splits `size` into as few tiles of at most `chunk` as possible, evenly: how
+    segpipe.store chunks an image (its even_tile), so the rows that inference reads at a time and
+    the bands it works in, which a bundle must match, follow from the image's size alone."""
+    return -(-size // -(-size // chunk))

@@ -13,6 +13,7 @@ from segpipe.datasets import kvasir, reader
 from segpipe.errors import ConfigError, IngestError
 from segpipe.ingest import ingest
 from segpipe.parallel import dask_client
+from segpipe.predict import input_scan
 from segpipe.store import CaseStore
 from tests.conftest import SHARED_DATA, needs_shared_data
 
@@ -101,8 +102,9 @@ def test_a_layout_without_a_masks_folder_is_read_as_unlabelled_images_to_predict
 def test_one_image_file_is_ingested_on_its_own_and_another_suffix_is_refused(tmp_path):
     write_pair(tmp_path / "raw", "a")
     image = tmp_path / "raw" / "images" / "a.jpg"
+    scan, root = input_scan("kvasir", image)
     with dask_client(DaskConfig(n_workers=1)) as client:
-        ingest("kvasir", image, tmp_path / "one.zarr", IngestConfig(), client)
+        ingest("kvasir", root, tmp_path / "one.zarr", IngestConfig(), client, scan)
     store = CaseStore(tmp_path / "one.zarr")
     assert store.case_ids() == ["a"] and store.case_attrs("a")["source"] == "a.jpg"
     np.testing.assert_array_equal(np.asarray(store.image("a")), np.asarray(Image.open(image).convert("RGB")))

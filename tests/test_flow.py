@@ -37,7 +37,7 @@ OFFLINE_ENV = {
 
 STAGE_SCRIPT = textwrap.dedent(
     """
-    import json, sys, time
+    import json, os, sys, time
     from pathlib import Path
     import yaml
 
@@ -52,7 +52,8 @@ STAGE_SCRIPT = textwrap.dedent(
         time.sleep(params["sleep"])
         value = int(Path("data/source.txt").read_text()) * params["scale"]
         Path("out").mkdir(exist_ok=True)
-        record = {"value": value, "start": start, "end": time.time()}
+        record = {"value": value, "start": start, "end": time.time(),
+                  "gpu": os.environ.get("CUDA_VISIBLE_DEVICES"), "threads": os.environ.get("OMP_NUM_THREADS")}
         Path(f"out/work_{item}.json").write_text(json.dumps(record))
 
     def final(items):
@@ -250,3 +251,31 @@ def test_serve_builds_a_cron_deployment_of_the_flow(flows_pipeline):
     assert [s.schedule.cron for s in deployment.schedules] == ["0 2 * * *"]
     assert deployment.concurrency_limit == 1  # held by the server, per deployment
     assert deployment.parameters == params
+
+
+def test_each_of_the_stages_running_at_once_gets_its_own_gpu_while_there_are_enough(monkeypatch):
+    from flows.pipeline import gpu_of_slot, visible_gpus
+
+    assert [gpu_of_slot(slot, ["0", "1", "2", "3"]) for slot in range(2)] == ["0", "1"]
+    assert [gpu_of_slot(slot, ["4", "7"]) for slot in range(3)] == ["4", "7", "4"]  # more stages than GPUs
+    assert gpu_of_slot(0, []) is None
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3, 5")
+    assert visible_gpus() == ["3", "5"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert visible_gpus() == []
+
+
+@pytest.mark.slow
+def test_stages_running_at_once_never_share_a_gpu_and_split_the_cores(flows_pipeline, tmp_path, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")  # the flow's GPUs; the stages see one each
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    repo = make_repo(tmp_path / "repo", sleep=1.5)
+    flows_pipeline.pipeline(repo=str(repo), max_parallel=2, retries=0)
+    records = {item: json.loads((repo / f"out/work_{item}.json").read_text()) for item in ITEMS}
+    assert {record["gpu"] for record in records.values()} == {"3", "5"}
+    assert {record["threads"] for record in records.values()} == {str(max(1, (os.cpu_count() or 1) // 2))}
+    overlapping = [(a, b) for a, b in combinations(ITEMS, 2)
+                   if max(interval(repo, a)[0], interval(repo, b)[0]) < min(interval(repo, a)[1], interval(repo, b)[1])]
+    assert overlapping, "no two stages ran at once"
+    for a, b in overlapping:
+        assert records[a]["gpu"] != records[b]["gpu"], (a, b)

@@ -11,7 +11,8 @@ from torch import nn
 from segpipe.config import DaskConfig, DatasetConfig, HandXrayDemo, IngestConfig, InferConfig, TrainConfig
 from segpipe.data import training_set, validation_batches
 from segpipe.datasets import demo_hand
-from segpipe.infer import predict_frames, predict_store, predict_tiled, to_probabilities
+from segpipe.infer import predict_store, predict_tiled
+from segpipe.infer_core import predict_frames, to_probabilities
 from segpipe.ingest import ingest
 from segpipe.parallel import dask_client
 from segpipe.preprocess import frames_to_input

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from segpipe.config import PredictConfig
+from segpipe.predict import input_scan
 from segpipe.prediction_files import CaseTally, label_map, overlay, palette
 from segpipe.progress import Progress
 from segpipe.store import CaseStore
@@ -76,6 +77,24 @@ def test_progress_off_a_terminal_logs_a_line_every_twentieth_with_rate_and_eta_a
     assert lines[0].startswith("infer x: 10/200 cases (") and "ETA" in lines[0]
     assert lines[19].startswith("infer x: 200/200 cases") and "ETA" not in lines[19]
     assert lines[20].startswith("infer y: 12/12 cases")
+
+
+def test_an_input_is_one_file_a_folder_of_files_alone_or_the_datasets_raw_layout(tmp_path):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for name in ("b.jpg", "a.png"):
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(flat / name)
+    (flat / "notes.txt").write_text("not an image")
+    scan, root = input_scan("kvasir", flat)
+    assert root == flat and [(c.case_id, c.label) for c in scan.cases] == [("a", None), ("b", None)]
+    assert [str(problem) for problem in scan.problems] == [f"{flat / 'notes.txt'}: not a Kvasir image: "
+                                                           "expected one of ['.jpeg', '.jpg', '.png']"]
+    scan, root = input_scan("kvasir", flat / "a.png")
+    assert root == flat and [c.case_id for c in scan.cases] == ["a"]
+    (tmp_path / "layout" / "images").mkdir(parents=True)
+    (flat / "b.jpg").rename(tmp_path / "layout" / "images" / "b.jpg")
+    scan, root = input_scan("kvasir", tmp_path / "layout")  # images/ without masks/: unlabelled
+    assert root == tmp_path / "layout" and [(c.case_id, c.label) for c in scan.cases] == [("b", None)]
 
 
 # --- the trained demo ---------------------------------------------------------------------------
@@ -153,7 +172,7 @@ def test_video_masks_keep_their_frame_timestamps_and_the_overlay_mp4_has_every_f
 
 
 @pytest.mark.slow
-def test_an_images_only_folder_is_predicted_and_a_bad_file_fails_in_one_line_or_is_skipped(trained_repo, tmp_path):
+def test_a_folder_of_images_alone_is_predicted_and_a_bad_file_fails_in_one_line_or_is_skipped(trained_repo, tmp_path):
     ensemble = ensemble_store(trained_repo, "kvasir")
     images = CaseStore(trained_repo / "data" / "interim" / "kvasir.zarr")
     new = tmp_path / "new" / "images"
@@ -163,20 +182,20 @@ def test_an_images_only_folder_is_predicted_and_a_bad_file_fails_in_one_line_or_
         shutil.copy(trained_repo / "data" / "raw" / "demo" / "kvasir" / source, new / Path(source).name)
     (new / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
 
-    failed = run_predict(trained_repo, "--dataset", "kvasir", "--input", str(new.parent), "--out",
+    failed = run_predict(trained_repo, "--dataset", "kvasir", "--input", str(new), "--out",
                          str(tmp_path / "out"), check=False)
     assert failed.returncode == 1 and not (tmp_path / "out").exists()
     error = failed.stderr.strip().splitlines()[-1]
     assert error.startswith("error: ") and "broken.jpg" in error
 
-    run_predict(trained_repo, "--dataset", "kvasir", "--input", str(new.parent), "--out", str(tmp_path / "out"),
+    run_predict(trained_repo, "--dataset", "kvasir", "--input", str(new), "--out", str(tmp_path / "out"),
                 "--on-error", "skip")
     ours = CaseStore(tmp_path / "out" / "predictions.zarr")
     assert ours.case_ids() == ensemble.case_ids()
     for case_id in ensemble.case_ids():
         np.testing.assert_array_equal(ours.read(case_id, "mask"), ensemble.read(case_id, "mask"))
     summary = json.loads((tmp_path / "out" / "predict.json").read_text())
-    assert [entry["source"] for entry in summary["skipped"]] == ["images/broken.jpg"]
+    assert [entry["source"] for entry in summary["skipped"]] == ["broken.jpg"]
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ import yaml
 from segpipe.atomic import MARKER
 from segpipe.config import DatasetConfig, InferConfig, PseudolabelConfig, StudentConfig
 from segpipe.errors import ConfigError
-from segpipe.infer import predict_frames
+from segpipe.infer_core import predict_frames
 from segpipe.pseudolabel import pseudolabel_store
 from segpipe.store import CaseStore
 from segpipe.teacher import crispness, hold_out_groups, refine
