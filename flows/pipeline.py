@@ -48,6 +48,7 @@ from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 
+from flows.artifacts import publish_evaluation  # noqa: E402
 from flows.graph import UnknownTargetError, read_graph, select, topological_order  # noqa: E402
 
 RAN, RESTORED, UP_TO_DATE, FAILED, NOT_RUN = "ran", "restored", "up to date", "failed", "not run"
@@ -267,6 +268,7 @@ def pipeline(
     logger.info("%d stages, up to %d at once: %s", len(graph), max_parallel,
                 ", ".join(topological_order(graph)))
     summary, errors = run_graph(graph, root, max_parallel, retries)
+    publish_evaluation(root, summary)  # a markdown and a table artifact per dataset evaluated
 
     changed = [s for s, outcome in summary.items() if outcome in (RAN, RESTORED)]
     logger.info("changed: %s; up to date: %d stages",

@@ -330,6 +330,16 @@ class PlanConfig(Section):
         return self.budget_minutes.get(dataset, 20.0)
 
 
+class EvaluateConfig(Section):
+    """The evaluate stage (segpipe/evaluate.py, segpipe/evaluate_report.py)."""
+    surface_tolerance_px: float = Field(
+        2.0, ge=0, description="normalised surface Dice: a boundary pixel within this distance (px, at the "
+        "case's original resolution) of the other mask's boundary counts as right",
+    )
+    worst_cases: int = Field(4, ge=0, description="the report shows this many worst cases (frames, for videos)")
+    overlay_px: int = Field(512, ge=64, description="longest side of an overlay panel in the report")
+
+
 class Params(Section):
     device: str = "auto"
     dask: DaskConfig = DaskConfig()
@@ -344,6 +354,7 @@ class Params(Section):
     augment: AugmentConfig = AugmentConfig()
     plan: PlanConfig = PlanConfig()
     predict: PredictConfig = PredictConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> Params:

@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import numpy as np
 
-METRICS = ("dice", "iou", "precision", "recall")
-
-
 def confusion(pred: np.ndarray, target: np.ndarray) -> dict[str, np.ndarray]:
     """True/false positive and false negative counts per sample and class of (N, K, H, W) masks."""
     pred, target = pred.astype(bool), target.astype(bool)
@@ -39,11 +36,12 @@ def scores(counts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def summarize(per_sample: dict[str, np.ndarray], classes: list[str]) -> dict:
-    """Means over samples per class, and the mean over classes as the headline figure."""
+    """Means over samples per class, and the mean over classes as the headline figure, of every
+    metric in `per_sample` (name -> (N, K) values)."""
     per_class = {
-        name: {m: float(per_sample[m][:, k].mean()) for m in METRICS} for k, name in enumerate(classes)
+        name: {m: float(values[:, k].mean()) for m, values in per_sample.items()} for k, name in enumerate(classes)
     }
-    headline = {m: float(np.mean([per_class[c][m] for c in classes])) for m in METRICS}
+    headline = {m: float(np.mean([per_class[c][m] for c in classes])) for m in per_sample}
     return {**headline, "n_samples": int(per_sample["dice"].shape[0]), "per_class": per_class}
 
 

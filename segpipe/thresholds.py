@@ -68,7 +68,8 @@ def fixed_choice(fixed: float, source: str, val_dice: float | None = None) -> di
 
 
 def choose(thresholds: np.ndarray, dice: np.ndarray, positives: np.ndarray, fixed: float) -> list[dict[str, Any]]:
-    """Per class, the threshold of best mean validation Dice, with that Dice and the fixed threshold's.
+    """Per class, the threshold of best mean validation Dice, with that Dice, the fixed threshold's,
+    and for a tuned class the whole curve (dice_curve).
 
     Ties go to the candidate nearest the fixed threshold, so tuning moves away from it only on
     evidence; a class with no positive validation pixel keeps it (any high threshold would "win").
@@ -84,5 +85,12 @@ def choose(thresholds: np.ndarray, dice: np.ndarray, positives: np.ndarray, fixe
         choices.append({
             "threshold": round(float(thresholds[j]), 6), "source": "tuned",
             "val_dice": float(curve[j]), "val_dice_at_fixed": float(curve[at_fixed]),
+            "val_dice_curve": dice_curve(thresholds, curve),
         })
     return choices
+
+
+def dice_curve(thresholds: np.ndarray, dice: np.ndarray) -> dict[str, list[float]]:
+    """One class's validation Dice at every candidate, as recorded beside its choice, so that the
+    evaluation report can draw what tuning saw (rounded: 6 decimals are plenty for a plot)."""
+    return {"thresholds": [round(float(t), 6) for t in thresholds], "val_dice": [round(float(d), 6) for d in dice]}
