@@ -161,14 +161,24 @@ def test_the_demo_stage_refuses_to_replace_a_folder_it_did_not_write(tmp_path):
     assert (tmp_path / "raw" / "scan.dcm").read_bytes() == b"a user's scan"
 
 
-@pytest.mark.parametrize("stage", [split, evaluate])
-def test_a_json_output_naming_a_folder_is_refused_before_any_input_is_read(tmp_path, stage):
-    (tmp_path / "out").mkdir()
+@pytest.mark.parametrize("stage, out", [(split, "out"), (evaluate, "out/metrics.json")])
+def test_a_json_output_naming_a_folder_is_refused_before_any_input_is_read(tmp_path, stage, out):
+    (tmp_path / out).mkdir(parents=True)  # evaluate writes into the folder --out: its metrics.json is a folder here
     ns = stage.build_parser().parse_args([
         "--params", str(PARAMS), "--dataset", "kvasir", "--labels", str(tmp_path / "missing.zarr"),
         "--out", str(tmp_path / "out")])
-    with pytest.raises(OutputError, match="out: is a folder; expected the path of a file to write"):
+    with pytest.raises(OutputError, match=f"{out}: is a folder; expected the path of a file to write"):
         stage.main(ns)
+
+
+def test_evaluate_refuses_a_file_at_its_report_folder_before_any_input_is_read(tmp_path):
+    (tmp_path / "out").write_text("mine")
+    ns = evaluate.build_parser().parse_args([
+        "--params", str(PARAMS), "--dataset", "kvasir", "--labels", str(tmp_path / "missing.zarr"),
+        "--out", str(tmp_path / "out")])
+    with pytest.raises(OutputError, match=r"cannot create its folder: .*out is a file"):
+        evaluate.main(ns)
+    assert (tmp_path / "out").read_text() == "mine"
 
 
 @pytest.mark.parametrize("arg, reason", [("--out", "is a file, not an earlier train output of kvasir"),
