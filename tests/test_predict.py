@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from segpipe.config import PredictConfig
+from segpipe.errors import IngestError
 from segpipe.predict import input_scan
 from segpipe.prediction_files import CaseTally, label_map, overlay, palette
 from segpipe.progress import Progress
@@ -95,6 +96,14 @@ def test_an_input_is_one_file_a_folder_of_files_alone_or_the_datasets_raw_layout
     (flat / "b.jpg").rename(tmp_path / "layout" / "images" / "b.jpg")
     scan, root = input_scan("kvasir", tmp_path / "layout")  # images/ without masks/: unlabelled
     assert root == tmp_path / "layout" and [(c.case_id, c.label) for c in scan.cases] == [("b", None)]
+
+    scan, _ = input_scan("hand_xray", flat / "a.png")  # one X-ray: an unlabelled test image
+    assert [(c.case_id, c.label, c.meta) for c in scan.cases] == [("a", None, {"split": "test"})]
+    (flat / "clip.avi").write_bytes(b"")
+    scan, _ = input_scan("usc_timit", flat / "clip.avi")
+    assert [(c.case_id, c.group, c.label) for c in scan.cases] == [("clip", "clip", None)]
+    with pytest.raises(IngestError, match=r"notes\.txt: not a video"):
+        input_scan("usc_timit", flat / "notes.txt")
 
 
 # --- the trained demo ---------------------------------------------------------------------------
