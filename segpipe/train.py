@@ -4,18 +4,25 @@ Files in the output directory:
     top/epochNNN.pt  the k best epochs by validation Dice ({"state_dict", "meta"})
     best.pt          a copy of the best of them, written when training ends
     last.pt          the latest epoch, plus everything a resumed run needs under "resume": optimizer,
-                     scheduler, AMP scaler, every RNG, the top-k ranking and the early-stopping state
+                     scheduler, AMP scaler, every RNG, the top-k ranking, the early-stopping state, the
+                     metrics of every epoch so far, and what the run was made from (settings, inputs)
+
+A resumed run replays the metrics of the epochs it continues after into its tracker, so a tracker
+that starts empty (DVCLive's folder, which DVC deletes before it reruns a stage) ends as an
+uninterrupted run's would.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import random
 import shutil
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
@@ -35,12 +42,14 @@ SCHEDULES = {
     "cosine": lambda opt, cfg: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs),
     "poly": lambda opt, cfg: torch.optim.lr_scheduler.PolynomialLR(opt, total_iters=cfg.epochs, power=cfg.poly_power),
 }
+METRICS = ("train/loss", "val/dice", "train/lr")  # logged every epoch, in this order
+# never: start at epoch 0; auto: resume last.pt when it was made from the same settings and inputs,
+# else start at epoch 0 (logged); require: resume, or raise ConfigError saying why not.
+Resume = Literal["never", "auto", "require"]
 
 
 class MetricLogger(Protocol):
     """What the loop needs from a tracker (DVCLive's `Live` fits)."""
-
-    step: int  # set by a resumed run to the epoch it continues with
 
     def log_metric(self, name: str, val: float) -> None: ...
     def next_step(self) -> None: ...
@@ -104,6 +113,20 @@ def save(obj: Any, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+def plain(obj: Any) -> Any:
+    """A copy of nested dicts, lists and tuples that shares no container and interns every string.
+    Pickle writes an object it met before as a reference to it, so without this last.pt's bytes
+    would depend on which objects a resumed run loaded from a checkpoint rather than built, and the
+    output would differ from an uninterrupted run's (DVC compares outputs by their bytes)."""
+    if isinstance(obj, str):
+        return sys.intern(obj)
+    if isinstance(obj, dict):
+        return {plain(k): plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(plain(v) for v in obj)
+    return obj
 
 
 def save_checkpoint(path: Path, model: nn.Module, meta: dict[str, Any], **extra: Any) -> None:
@@ -183,19 +206,66 @@ def train_step(
     return loss.item()
 
 
-def resume_state(out_dir: Path, cfg: TrainConfig, meta: dict[str, Any]) -> dict[str, Any]:
-    """The state last.pt holds for resuming, after checking it was written with the same settings."""
+def files_digest(files: Iterable[Path], root: Path) -> str:
+    """sha256 of files, by their paths relative to `root` and their bytes: the same in every copy of
+    the repository, so that last.pt, which records it, is too (DVC compares outputs by content)."""
+    total = hashlib.sha256()
+    for path in sorted(Path(f) for f in files):
+        with path.open("rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+        total.update(f"{path.relative_to(root).as_posix()}\0{digest}\n".encode())
+    return total.hexdigest()
+
+
+def folder_digest(folder: Path) -> str:
+    """files_digest of every file under `folder`: a Zarr store read as plain files, so any change
+    to its arrays or attrs changes the digest, whatever wrote it."""
+    folder = Path(folder)
+    return files_digest((p for p in folder.rglob("*") if p.is_file()), folder)
+
+
+def run_key(config: dict[str, Any], meta: dict[str, Any], inputs: dict[str, Any]) -> dict[str, Any]:
+    """What a run is made from, flat, so that a refusal can name each difference."""
+    return {**config, **{f"meta.{k}": v for k, v in meta.items()}, **{f"inputs.{k}": v for k, v in inputs.items()}}
+
+
+def resume_state(out_dir: Path, cfg: TrainConfig, meta: dict[str, Any], inputs: dict[str, Any]) -> dict[str, Any]:
+    """The state last.pt holds for resuming, after checking it was made with the same settings and
+    inputs; a ConfigError says why not."""
     path = out_dir / "last.pt"
     if not path.exists():
-        raise ConfigError(f"{path}: nothing to resume (no checkpoint yet); run without resume")
+        raise ConfigError(f"{path}: no checkpoint to resume")
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     state = ckpt["resume"]
-    saved = {**state["config"], **{f"meta.{k}": v for k, v in state["meta"].items()}}
-    now = {**cfg.model_dump(mode="json"), **{f"meta.{k}": v for k, v in meta.items()}}
+    # A checkpoint of an earlier segpipe records no inputs: each `inputs.` key then differs.
+    saved = run_key(state["config"], state["meta"], state.get("inputs", {}))
+    now = run_key(cfg.model_dump(mode="json"), meta, inputs)
     changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
     if changed:
-        raise ConfigError(f"{path}: cannot resume, trained with different settings: {', '.join(changed)}")
+        raise ConfigError(f"{path}: cannot resume, made with different settings or inputs: {', '.join(changed)}")
     return {**state, "state_dict": ckpt["state_dict"]}
+
+
+def checkpoint_to_resume(
+    out_dir: Path, cfg: TrainConfig, meta: dict[str, Any], inputs: dict[str, Any], resume: Resume,
+) -> dict[str, Any] | None:
+    """resume_state as `resume` asks: None to start at epoch 0 (for "auto", with one line saying why)."""
+    if resume == "never":
+        return None
+    try:
+        return resume_state(out_dir, cfg, meta, inputs)
+    except ConfigError as exc:
+        if resume == "require":
+            raise
+        log.info("starting at epoch 0: %s", exc)
+        return None
+
+
+def record(tracker: MetricLogger, values: tuple[float, ...]) -> None:
+    """Log one epoch's METRICS and close its step."""
+    for name, value in zip(METRICS, values):
+        tracker.log_metric(name, value)
+    tracker.next_step()
 
 
 def fit(
@@ -207,14 +277,18 @@ def fit(
     device: torch.device,
     meta: dict[str, Any],
     tracker: MetricLogger | None = None,
-    resume: bool = False,
+    resume: Resume = "never",
     progress: Callable[[int, int], None] | None = None,
+    inputs: dict[str, Any] | None = None,
 ) -> FitResult:
     """Train `model` on `train`, keep the k epochs with the best validation Dice (see module doc).
 
-    resume: continue the run whose last.pt lies in out_dir; on CPU the result is bitwise the one
-    an uninterrupted run gives. `progress(done_steps, total_steps)` is called after every step.
+    resume (see Resume): continue the run whose last.pt lies in out_dir; on CPU the result is
+    bitwise the one an uninterrupted run gives. inputs: what else the run is made from besides cfg
+    and meta (digests of the data and code, settings from elsewhere); last.pt records it, and only
+    a run made from equal ones is resumed. `progress(done_steps, total_steps)` is called after every step.
     """
+    inputs = inputs or {}
     seed_everything(cfg.seed)
     model.to(device)
     amp = cfg.amp and device.type == "cuda"
@@ -225,18 +299,19 @@ def fit(
     scaler = torch.amp.GradScaler(device.type, enabled=amp)
     generator = torch.Generator().manual_seed(cfg.seed)
     roi = tuple(meta["image_size"])
-    start, stopped, ranking = 0, False, None
-    if resume:
-        state = resume_state(out_dir, cfg, meta)
+    start, stopped, ranking, history = 0, False, None, []
+    state = checkpoint_to_resume(out_dir, cfg, meta, inputs, resume)
+    if state is not None:
         model.load_state_dict(state["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"], generator)
-        start, stopped, ranking = state["epoch"] + 1, state["stopped"], state["top"]
+        start, stopped, ranking, history = state["epoch"] + 1, state["stopped"], state["top"], state["history"]
         log.info("resuming after epoch %d", state["epoch"])
-        if tracker is not None:
-            tracker.step = start
+    if tracker is not None:
+        for values in history:
+            record(tracker, values)
     top = TopK(out_dir, cfg.top_k, ranking)
     total_steps, epoch = cfg.epochs * cfg.steps_per_epoch, start - 1
 
@@ -254,19 +329,18 @@ def fit(
         val_dice = validate(model, val, roi, cfg.batch_size, device, amp)
         train_loss = total / cfg.steps_per_epoch
         log.info("epoch %d: train loss %.4f, val dice %.4f, lr %.3g", epoch, train_loss, val_dice, lr)
+        history.append((train_loss, val_dice, lr))
         if tracker is not None:
-            for name, value in (("train/loss", train_loss), ("val/dice", val_dice), ("train/lr", lr)):
-                tracker.log_metric(name, value)
-            tracker.next_step()
+            record(tracker, history[-1])
 
         epoch_meta = {**meta, "epoch": epoch, "val_dice": val_dice}
         top.offer(epoch, val_dice, model, epoch_meta)
         stopped = epoch - top.best[1] >= cfg.patience
-        save_checkpoint(out_dir / "last.pt", model, epoch_meta, resume={
+        save_checkpoint(out_dir / "last.pt", model, epoch_meta, resume=plain({
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
             "rng": rng_state(generator), "epoch": epoch, "stopped": stopped, "top": top.ranking,
-            "config": cfg.model_dump(mode="json"), "meta": meta,
-        })
+            "config": cfg.model_dump(mode="json"), "meta": meta, "inputs": inputs, "history": history,
+        }))
         top.prune()
         if stopped:
             log.info("early stop at epoch %d: no better val dice since epoch %d", epoch, top.best[1])
@@ -276,7 +350,7 @@ def fit(
     tmp = out_dir / ".best.pt.tmp"
     shutil.copyfile(top.path(best_epoch), tmp)
     os.replace(tmp, out_dir / "best.pt")
-    return FitResult(best_epoch, best_dice, epoch + 1, stopped, start - 1 if resume else None)
+    return FitResult(best_epoch, best_dice, epoch + 1, stopped, start - 1 if state is not None else None)
 
 
 def new_model(meta: dict[str, Any], seed: int, encoder_weights: Path | None = None) -> nn.Module:

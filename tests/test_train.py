@@ -2,6 +2,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,13 +19,13 @@ from zarr.storage import LocalStore, LoggingStore
 from segpipe.config import DatasetConfig, Params, TrainConfig
 from segpipe import losses
 from segpipe.data import TileCrops, TrainingSet, load_samples, training_set, validation_batches
-from segpipe.errors import StoreError
+from segpipe.errors import ConfigError, StoreError
 from segpipe.fingerprint import fingerprint
 from segpipe.plan import make_plan
 from segpipe.preprocess import frames_to_input, masks_to_target, resize
 from segpipe.splits import make_split
 from segpipe.store import CaseStore
-from segpipe.train import fit, load_model, new_model, next_batches
+from segpipe.train import fit, folder_digest, load_model, new_model, next_batches
 from tests.conftest import ROOT
 
 CFG = TrainConfig(
@@ -245,11 +246,14 @@ def test_tiled_training_validates_whole_images_at_the_tile_scale(tmp_path):
 
 # --- kill and resume: a real `python -m tasks.train`, SIGKILLed after a checkpoint ------------------------
 
+EPOCHS = 30  # ~2 s on one thread: time to kill the run after its epoch 2
+
+
 def _stage_inputs(disc_stores, tmp_path: Path) -> list[str]:
     images, labels = disc_stores
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["datasets"]["kvasir"].update({"in_channels": 1, "image_size": [32, 32]})
-    params["train"].update({"epochs": 8, "steps_per_epoch": 3, "batch_size": 4, "patience": 8, "top_k": 2,
+    params["train"].update({"epochs": EPOCHS, "steps_per_epoch": 3, "batch_size": 4, "patience": EPOCHS, "top_k": 2,
                             "channels": [8, 16, 32], "per_dataset": {}})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     groups = {c: images.case_attrs(c)["group"] for c in images.case_ids()}
@@ -279,7 +283,7 @@ def _finished_epoch(work: Path) -> int:
 
 
 @pytest.mark.slow
-def test_a_killed_run_resumed_ends_with_the_weights_of_an_uninterrupted_run(disc_stores, tmp_path):
+def test_a_killed_run_rerun_resumes_by_itself_and_ends_with_the_bytes_of_an_uninterrupted_run(disc_stores, tmp_path):
     args = _stage_inputs(disc_stores, tmp_path)
     whole, killed = _train(args, tmp_path / "whole"), _train(args, tmp_path / "killed")
     work = tmp_path / ".killed.partial.tmp"
@@ -289,39 +293,105 @@ def test_a_killed_run_resumed_ends_with_the_weights_of_an_uninterrupted_run(disc
     killed.send_signal(signal.SIGKILL)
     killed.wait()
     stopped_at = _finished_epoch(work)
-    assert stopped_at < 7 and not (tmp_path / "killed").exists()
+    assert stopped_at < EPOCHS - 1 and not (tmp_path / "killed").exists()
 
-    resumed = _train([*args, "--resume"], tmp_path / "killed")
+    shutil.rmtree(tmp_path / "killed.live")  # as DVC deletes a stage's metrics before it reruns it
+    resumed = _train(args, tmp_path / "killed")  # no flag: resuming is the default
     assert resumed.wait() == 0 and whole.wait() == 0, resumed.communicate()[1][-2000:]
     assert f"resumed after epoch {stopped_at}" in resumed.communicate()[0]
-    for name in ("last.pt", "best.pt"):
-        a, b = (torch.load(tmp_path / run / name, weights_only=True) for run in ("whole", "killed"))
-        assert a["meta"] == b["meta"]
-        assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
-    assert sorted(os.listdir(tmp_path / "whole" / "top")) == sorted(os.listdir(tmp_path / "killed" / "top"))
-    # DVCLive carried on at the next step: one row per epoch, as in the uninterrupted run.
-    steps = [json.loads((tmp_path / f"{run}.live" / "metrics.json").read_text())["step"] for run in ("whole", "killed")]
-    assert steps[0] == steps[1] == 7
+    assert _files(tmp_path / "whole") == _files(tmp_path / "killed")  # every checkpoint, byte for byte
+    # DVCLive's metrics.json and plots: the resumed run replayed the killed run's epochs into them.
+    live = _files(tmp_path / "whole.live")
+    assert live == _files(tmp_path / "killed.live")
+    assert json.loads(live["metrics.json"])["step"] == EPOCHS - 1
+    assert live["plots/metrics/val/dice.tsv"].count(b"\n") == 1 + EPOCHS  # header, then one row per epoch
     assert not work.exists()
 
 
-def test_resume_refuses_a_run_made_with_other_settings(disc_stores, tmp_path):
-    from segpipe.errors import ConfigError
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
+
+class Killed(Exception):
+    """Stands for a kill in the middle of an epoch."""
+
+
+def _kill_at(step: int):
+    def progress(done, total):
+        if done == step:
+            raise Killed
+
+    return progress
+
+
+def _state_dicts_equal(a: Path, b: Path) -> bool:
+    a, b = (torch.load(p, weights_only=True)["state_dict"] for p in (a, b))
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_run_killed_mid_epoch_resumes_automatically_and_replays_its_metrics(disc_stores, tmp_path):
     train, val = _data(disc_stores)
+    cfg = CFG.model_copy(update={"epochs": 4, "top_k": 2})
+    inputs = {"images": "sha-a", "code": "sha-c"}
+    whole, killed, resumed = Recorder(), Recorder(), Recorder()
+    (tmp_path / "whole").mkdir()
+    fit(new_model(META, 0), train, val, cfg, tmp_path / "whole", CPU, META, tracker=whole, inputs=inputs)
     out = _out(tmp_path)
-    fit(new_model(META, 0), train, val, CFG.model_copy(update={"epochs": 1}), out, CPU, META)
-    with pytest.raises(ConfigError, match="lr"):
-        fit(new_model(META, 0), train, val, CFG.model_copy(update={"epochs": 1, "lr": 0.5}), out, CPU, META, resume=True)
+    with pytest.raises(Killed):  # in epoch 2, after 2 finished epochs of 2 steps
+        fit(new_model(META, 0), train, val, cfg, out, CPU, META, tracker=killed, inputs=inputs, progress=_kill_at(6))
+    result = fit(new_model(META, 0), train, val, cfg, out, CPU, META, tracker=resumed, inputs=inputs, resume="auto")
+    assert result.resumed_from == 1 and len(killed.rows) == 2
+    assert resumed.rows == whole.rows and len(whole.rows) == 4  # the killed epochs replayed, then the rest
+    for name in ("best.pt", "last.pt", *(f"top/{f}" for f in os.listdir(tmp_path / "whole" / "top"))):
+        assert _state_dicts_equal(tmp_path / "whole" / name, out / name), name
 
 
-def test_a_summary_torn_by_the_kill_does_not_stop_the_resume(tmp_path):
-    from tasks.train import drop_torn_live_summary
+@pytest.mark.parametrize(("change", "named"), [
+    ({"cfg": {"lr": 0.5}}, "lr"),
+    ({"inputs": {"images": "sha-b"}}, "inputs.images"),
+    ({"inputs": {"code": "sha-d"}}, "inputs.code"),
+])
+def test_a_checkpoint_of_other_settings_or_inputs_is_not_resumed(disc_stores, tmp_path, caplog, change, named):
+    train, val = _data(disc_stores)
+    cfg, inputs = CFG.model_copy(update={"epochs": 2}), {"images": "sha-a", "code": "sha-c"}
+    out = _out(tmp_path)
+    with pytest.raises(Killed):
+        fit(new_model(META, 0), train, val, cfg, out, CPU, META, inputs=inputs, progress=_kill_at(3))
+    cfg, inputs = cfg.model_copy(update=change.get("cfg", {})), {**inputs, **change.get("inputs", {})}
+    with pytest.raises(ConfigError, match=f"different settings or inputs: {named}$"):
+        fit(new_model(META, 0), train, val, cfg, out, CPU, META, inputs=inputs, resume="require")
+    with caplog.at_level(logging.INFO, logger="segpipe.train"):
+        result = fit(new_model(META, 0), train, val, cfg, out, CPU, META, inputs=inputs, resume="auto")
+    assert result.resumed_from is None and result.epochs_run == 2
+    assert [m for m in caplog.messages if m.startswith("starting at epoch 0")] == [
+        f"starting at epoch 0: {out / 'last.pt'}: cannot resume, made with different settings or inputs: {named}"]
 
-    (tmp_path / "metrics.json").write_text("")  # DVCLive killed while rewriting it
-    drop_torn_live_summary(tmp_path)
-    assert not (tmp_path / "metrics.json").exists()
-    (tmp_path / "metrics.json").write_text('{"step": 3}')
-    drop_torn_live_summary(tmp_path)
-    assert json.loads((tmp_path / "metrics.json").read_text()) == {"step": 3}
-    drop_torn_live_summary(tmp_path / "never-written")
+
+def test_resume_required_without_a_checkpoint_says_so(disc_stores, tmp_path):
+    train, val = _data(disc_stores)
+    with pytest.raises(ConfigError, match="no checkpoint to resume"):
+        fit(new_model(META, 0), train, val, CFG, _out(tmp_path), CPU, META, resume="require")
+
+
+def test_never_resuming_starts_at_epoch_0_despite_a_compatible_checkpoint(disc_stores, tmp_path):
+    train, val = _data(disc_stores)
+    cfg, out = CFG.model_copy(update={"epochs": 2}), _out(tmp_path)
+    with pytest.raises(Killed):
+        fit(new_model(META, 0), train, val, cfg, out, CPU, META, progress=_kill_at(3))
+    assert fit(new_model(META, 0), train, val, cfg, out, CPU, META, resume="never").resumed_from is None
+
+
+def test_a_store_digest_follows_its_bytes_not_its_place(disc_stores, tmp_path):
+    images, _ = disc_stores
+    copy = shutil.copytree(images.path, tmp_path / "elsewhere" / "copy.zarr")
+    assert folder_digest(copy) == folder_digest(images.path)
+    chunk = next(p for p in sorted(Path(copy).rglob("*")) if p.is_file() and "c" in p.relative_to(copy).parts)
+    chunk.write_bytes(chunk.read_bytes()[:-1] + bytes([chunk.read_bytes()[-1] ^ 1]))
+    assert folder_digest(copy) != folder_digest(images.path)
+
+
+def test_resume_and_fresh_exclude_each_other():
+    from tasks.train import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--dataset", "kvasir", "--arch", "unet", "--fold", "0", "--resume", "--fresh"])
