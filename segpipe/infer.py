@@ -114,7 +114,9 @@ def plan_jobs(
     for case_id, role in roles.items():
         attrs = images.case_attrs(case_id)
         store.write_case(case_id, {**{k: attrs[k] for k in CASE_ATTRS if k in attrs}, "role": role})
-        job = Job(str(checkpoint), str(images.path), str(store.path), case_id, cfg, device)
+        # Absolute paths: a worker of a real cluster runs in a folder of its own, not the client's.
+        job = Job(str(Path(checkpoint).absolute()), str(images.path.absolute()), str(store.path.absolute()),
+                  case_id, cfg, device)
         if meta_tile_extent(meta) is None:
             jobs.append(job)
             continue

@@ -33,7 +33,7 @@ import json
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import closing
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -107,8 +107,8 @@ def ingest(dataset: str, raw: Path, out: Path, cfg: IngestConfig, client: Client
     """Bring the store at `out` up to date with every case of `raw`'s layout, or of `scan` where given
     (files found otherwise, named relative to `raw`: segpipe.predict's inputs); `client`'s workers
     hash, decode and write the cases (they must see `raw` and `out` at the same paths)."""
-    module, raw, out = reader(dataset), Path(raw), Path(out)
-    scan = scan or module.scan(raw)
+    module, raw, out = reader(dataset), Path(raw).absolute(), Path(out).absolute()
+    scan = _absolute(scan or module.scan(raw))
     cases, duplicates = _unique(scan.cases)
     report = IngestReport(dataset, found=len(scan.cases) + len(scan.problems), ingested=0)
     for problem in scan.problems + duplicates:
@@ -142,6 +142,15 @@ def ingest(dataset: str, raw: Path, out: Path, cfg: IngestConfig, client: Client
         store.set_attrs(_root_attrs(attrs, report))
     log.info("%s: %s -> %s", dataset, report.summary(), out)
     return report
+
+
+def _absolute(scan: Scan) -> Scan:
+    """`scan` with absolute paths. A worker of a real cluster runs in a folder of its own, where a
+    path relative to the client's folder (the stages' defaults are) names another file, or none."""
+    cases = [replace(case, source=case.source.absolute(),
+                     label=None if case.label is None else case.label.absolute(),
+                     extras={name: path.absolute() for name, path in case.extras.items()}) for case in scan.cases]
+    return Scan(cases, [IngestError(problem.path.absolute(), problem.reason) for problem in scan.problems])
 
 
 def _ingest_all(client: Client, cases: list[RawCase], store: CaseStore, raw: Path, cfg: IngestConfig,

@@ -101,7 +101,8 @@ def predict(trained: Trained, source: Path, out: Path, ingest_cfg: IngestConfig,
             ensemble_cfg: EnsembleConfig, predict_cfg: PredictConfig, device: str, client: Client
             ) -> PredictSummary:
     """Predict every case of `source` into the folder `out` (see the module doc)."""
-    source, out = Path(source), Path(out)
+    # Absolute: the Dask workers that write the files may run in another folder (a real cluster).
+    source, out = Path(source).absolute(), Path(out).absolute()
     with atomic_dir(out, Owner("predict", trained.dataset)) as tmp:
         work = tmp / WORK
         images, skipped = input_store(trained.dataset, source, work, ingest_cfg, client)
