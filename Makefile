@@ -12,7 +12,7 @@ export PREFECT_HOME := $(CURDIR)/.prefect
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 180
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: demo test test-fast flow install
+.PHONY: demo test test-fast flow serve install
 
 install: $(VENV)/.installed
 
@@ -30,6 +30,11 @@ demo: install
 
 flow: install
 	python -m flows.pipeline run
+
+# A Prefect server on 127.0.0.1:4200, the `segpipe` work pool and segpipe's deployments, until
+# Ctrl-C (flows/server.py). Options of `segpipe serve` go in ARGS, e.g. ARGS=--on-workers.
+serve: install
+	python -m flows.server -- $(ARGS)
 
 test: install
 	python -m pytest

@@ -15,14 +15,16 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
+from flows.stage import RAN, RESTORED, UP_TO_DATE
+
 STAGE = "evaluate@"
-DONE = ("ran", "restored", "up to date")  # flows.pipeline's outcomes of a stage that succeeded
+DONE = (RAN, RESTORED, UP_TO_DATE)  # the outcomes of a stage that succeeded
 COLUMNS = ("dice", "iou", "precision", "recall", "hd95", "nsd")
 
 
-def artifact_key(dataset: str) -> str:
-    """Prefect keys take lowercase letters, digits and dashes only."""
-    return "evaluation-" + dataset.lower().replace("_", "-")
+def artifact_key(kind: str, name: str) -> str:
+    """`kind-name` as a Prefect key: lowercase letters, digits and dashes only."""
+    return f"{kind}-" + "".join(c if c.isalnum() else "-" for c in name.lower())
 
 
 def table_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
@@ -55,7 +57,7 @@ def publish_evaluation(repo: str, summary: dict[str, str]) -> list[str]:
         if not (folder / "metrics.json").is_file():
             continue
         metrics = json.loads((folder / "metrics.json").read_text())
-        key = artifact_key(dataset)
+        key = artifact_key("evaluation", dataset)
         create_markdown_artifact(markdown=summary_markdown(dataset, metrics, folder / "report.html"), key=key,
                                  description=f"test metrics of the {dataset} ensemble and its members")
         create_table_artifact(table=table_rows(metrics), key=f"{key}-table",

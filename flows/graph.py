@@ -23,7 +23,8 @@ def read_graph(root: str | os.PathLike[str]) -> nx.DiGraph:
     """Stages of the DVC repo at `root`, with an edge upstream -> downstream.
 
     Only stages with a command are nodes: `.dvc` data sources have nothing to run and no
-    upstream stages, so dropping them loses no edge between runnable stages.
+    upstream stages, so dropping them loses no edge between runnable stages. Each node's
+    `sources` lists the `.dvc` files whose data the stage reads (what a worker must pull).
     """
     # Imported here so that importing the flow module stays cheap (dvc pulls in a lot).
     from dvc.repo import Repo
@@ -33,12 +34,31 @@ def read_graph(root: str | os.PathLike[str]) -> nx.DiGraph:
     with Repo(os.fspath(root)) as repo:
         stages = [s for s in repo.index.stages if isinstance(s, PipelineStage) and s.cmd]
         address = {s: stage_address(s, repo.root_dir) for s in stages}
-        graph.add_nodes_from(address.values())
+        for node in address.values():
+            graph.add_node(node, sources=[])
         # DVC's graph points from a stage to the stages whose outputs it reads.
         for stage, upstream in repo.index.graph.edges:
             if stage in address and upstream in address:
                 graph.add_edge(address[upstream], address[stage])
+            elif stage in address and not isinstance(upstream, PipelineStage):  # a `.dvc` file
+                dvcfile = Path(os.path.relpath(upstream.path, repo.root_dir)).as_posix()
+                graph.nodes[address[stage]]["sources"].append(dvcfile)
     return graph
+
+
+def stage_outputs(root: str | os.PathLike[str], stages: Iterable[str], cached: bool) -> dict[str, list[str]]:
+    """The outputs of `stages`, by stage, as paths relative to `root`: those in DVC's cache, or
+    (cached=False) those it keeps out of its cache and so out of any remote (`cache: false`:
+    plans, metrics, plots)."""
+    from dvc.repo import Repo
+    from dvc.stage import PipelineStage
+
+    wanted = set(stages)
+    with Repo(os.fspath(root)) as repo:
+        found = {stage_address(s, repo.root_dir): s for s in repo.index.stages if isinstance(s, PipelineStage)}
+        return {address: [Path(os.path.relpath(out.fs_path, repo.root_dir)).as_posix()
+                          for out in found[address].outs if out.use_cache == cached]
+                for address in wanted & found.keys()}
 
 
 def stage_address(stage, root: str) -> str:

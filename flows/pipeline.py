@@ -1,62 +1,45 @@
 """The DVC pipeline as a Prefect flow: DVC owns what is up to date, Prefect when and where it runs.
 
-Each DVC stage is one Prefect task run that shells out to `dvc repro --single-item <stage>`, so
-DVC checks, runs and records the stage (dvc.lock, cache) exactly as a plain `dvc repro` would,
-and a flow run never leaves an artifact that `dvc status` calls stale. The DAG is read from
-dvc.yaml (flows.graph). A stage is submitted once all its upstream stages have finished, so
-independent stages (e.g. training folds) run at once as separate DVC processes.
+Each DVC stage is one Prefect task run that shells out to `dvc repro --single-item <stage>`
+(flows.stage), so DVC checks, runs and records the stage (dvc.lock, cache) exactly as a plain
+`dvc repro` would, and a flow run never leaves an artifact that `dvc status` calls stale. The DAG
+is read from dvc.yaml (flows.graph). A stage is submitted once all its upstream stages have
+finished, so independent stages (e.g. training folds) run at once as separate DVC processes; with
+`--on-workers` each runs on a Prefect work pool's workers, through a DVC remote (flows.remote).
 
-    segpipe run [--repo .] [--targets train ...] [--max-parallel 2] [--retries 1]
-    segpipe serve [--repo .] [--cron "0 2 * * *"]   # nightly retrain, and predict on demand
+    segpipe run [--repo .] [--targets train ...] [--max-parallel 2] [--retries 1] [--on-workers]
+    segpipe serve [--repo .] [--cron "0 2 * * *"]   # nightly, retrain and predict deployments
     segpipe predict --dataset D --input PATH --out DIR   # = python -m tasks.predict ...
     segpipe export --dataset D --out DIR                 # = python -m tasks.export ...
 
-`segpipe` is `python -m flows.pipeline`. `serve` serves two deployments: `segpipe/nightly` (this
-flow, on the cron schedule) and `predict/predict` (flows.predict, run on demand).
+`segpipe` is `python -m flows.pipeline`. `serve` serves three deployments: `segpipe/nightly` (this
+flow, on the cron schedule), `retrain/retrain` (some datasets and archs, on demand) and
+`predict/predict` (flows.predict, on demand). `make serve` (flows.server) starts a Prefect server
+and the `segpipe` work pool first.
 """
 
 from __future__ import annotations
 
+import argparse
+import importlib
+import json
 import os
+import queue
+import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+import networkx as nx
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.tasks import exponential_backoff
 
-# Offline, quiet defaults. Set before prefect is imported because prefect reads its settings
-# once, at import; setdefault so that an environment (tests, a real server) can override them.
-for _key, _value in {
-    "PREFECT_HOME": str(PROJECT_ROOT / ".prefect"),
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "DO_NOT_TRACK": "1",
-    # The temporary local server takes 4-11 s to start, more on a loaded machine.
-    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
-    "DVC_NO_ANALYTICS": "1",
-}.items():
-    os.environ.setdefault(_key, _value)
-
-import argparse  # noqa: E402
-import importlib  # noqa: E402
-import json  # noqa: E402
-import queue  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-from collections import deque  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-
-import networkx as nx  # noqa: E402
-from prefect import flow, get_run_logger, task  # noqa: E402
-from prefect.cache_policies import NO_CACHE  # noqa: E402
-from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
-
-from flows.artifacts import publish_evaluation  # noqa: E402
-from flows.graph import UnknownTargetError, read_graph, select, topological_order  # noqa: E402
-
-RAN, RESTORED, UP_TO_DATE, FAILED, NOT_RUN = "ran", "restored", "up to date", "failed", "not run"
-TAIL_LINES = 40  # of DVC's output, quoted in the error of a failed stage
-
-
-class StageFailed(RuntimeError):
-    """One stage's `dvc repro` failed; the message names the stage and quotes DVC's output."""
+from flows import PROJECT_ROOT
+from flows.artifacts import publish_evaluation
+from flows.graph import UnknownTargetError, read_graph, select, topological_order
+from flows.stage import FAILED, NOT_RUN, RAN, RESTORED, UP_TO_DATE, dvc_command, run_stage, stage_env
 
 
 class PipelineFailed(RuntimeError):
@@ -68,28 +51,6 @@ class PipelineFailed(RuntimeError):
 
     def __reduce__(self):  # keep `summary` if Prefect pickles the exception into a result
         return type(self), (str(self), self.summary)
-
-
-def dvc_command(*args: str) -> list[str]:
-    # `-m dvc` pins the dvc of this interpreter. --wait-for-lock: concurrent `dvc repro -s`
-    # processes take turns on the repo lock to hash and commit outputs; without it a process
-    # gives up after 3 s and loses a finished stage (seen with 6 stages of 6,000-file outputs).
-    return [sys.executable, "-m", "dvc", "--wait-for-lock", *args]
-
-
-def stage_env(threads: int, gpu: str | None = None) -> dict[str, str]:
-    # Stage commands say `python -m tasks...`: put this interpreter first on PATH so they run
-    # in the flow's environment even when it was started as `.venv/bin/python` unactivated.
-    env = dict(os.environ)
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    # Stages running at once share the cores: torch spinning more threads than cores makes two
-    # concurrent trainings several times slower than one after the other.
-    env.setdefault("OMP_NUM_THREADS", str(threads))
-    if gpu is not None:  # the stage sees its one GPU as cuda:0
-        env["CUDA_VISIBLE_DEVICES"] = gpu
-    # Unbuffered, so that a command's prints reach the log as they happen, in order with its errors.
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    return env
 
 
 def threads_per_stage(max_parallel: int) -> int:
@@ -112,59 +73,6 @@ def gpu_of_slot(slot: int, gpus: list[str]) -> str | None:
     return gpus[slot % len(gpus)] if gpus else None
 
 
-# What `dvc repro` prints for each outcome (DVC 3.x wording), in order of precedence.
-MARKERS = {
-    RAN: "Running stage '{}'",
-    RESTORED: "Stage '{}' is cached",  # run cache: same cmd, deps, params ran before
-    UP_TO_DATE: "'{}' didn't change, skipping",
-}
-
-
-def outcome_of(seen: set[str]) -> str:
-    """The outcome, given those of MARKERS the output contained. Output that matches none
-    counts as ran: wrongly claiming "up to date" would hide a change."""
-    return next((outcome for outcome in MARKERS if outcome in seen), RAN)
-
-
-def run_logged(cmd: list[str], cwd: str, env: dict[str, str],
-               watch: Callable[[str], None] = lambda line: None) -> tuple[int, list[str]]:
-    """Run `cmd` in `cwd`, logging its output (stderr merged in) line by line as it comes, so
-    that a long run logs as it goes; `watch` sees each line too. Returns the exit code and the
-    last TAIL_LINES lines, for the error of a failed run."""
-    logger = get_run_logger()
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, errors="replace")
-    tail: deque[str] = deque(maxlen=TAIL_LINES)
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        line = line.rstrip()
-        if not line:
-            continue  # DVC spaces its hints with blank lines; in a log they are noise
-        logger.info("%s", line)
-        tail.append(line)
-        watch(line)
-    return proc.wait(), list(tail)
-
-
-@task(name="dvc-stage", task_run_name="{stage}", cache_policy=NO_CACHE)
-def run_stage(repo: str, stage: str, threads: int, gpu: str | None = None) -> str:
-    """Run one stage through DVC; return RAN, RESTORED or UP_TO_DATE. No Prefect caching:
-    DVC decides whether the stage is up to date."""
-    seen: set[str] = set()
-    code, tail = run_logged(
-        dvc_command("repro", "--single-item", stage), repo, stage_env(threads, gpu),
-        watch=lambda line: seen.update(o for o, m in MARKERS.items() if m.format(stage) in line),
-    )
-    if code != 0:
-        raise StageFailed(
-            f"stage {stage!r} failed: `dvc repro --single-item {stage}` exited with "
-            f"{code}; its last lines:\n" + "\n".join(tail)
-        )
-    outcome = outcome_of(seen)
-    get_run_logger().info("stage %s: %s", stage, outcome)
-    return outcome
-
-
 @task(name="dvc-status", task_run_name="dvc status", cache_policy=NO_CACHE)
 def stale_stages(repo: str, stages: list[str] | None) -> dict:
     """`dvc status` of the stages the flow ran: should be empty, as the flow ran them via DVC."""
@@ -181,8 +89,10 @@ def stale_stages(repo: str, stages: list[str] | None) -> dict:
     return {s: v for s, v in status.items() if v != ["always changed"]}
 
 
-def run_graph(graph: nx.DiGraph, repo: str, max_parallel: int, retries: int) -> tuple[dict, dict]:
-    """Run every stage of `graph` once all its upstream stages succeeded.
+def run_graph(graph: nx.DiGraph, max_parallel: int, stage_task,
+              parameters_of: Callable[[str, int], dict]) -> tuple[dict, dict]:
+    """Run every stage of `graph` with `stage_task` once all its upstream stages succeeded;
+    `parameters_of(stage, slot)` gives the task's parameters.
 
     Stages are submitted only when ready (not all at once with `wait_for`): a submitted task
     blocks a pool thread while it waits, which would let waiting stages starve ready ones.
@@ -197,10 +107,9 @@ def run_graph(graph: nx.DiGraph, repo: str, max_parallel: int, retries: int) -> 
     ready = [stage for stage in order if missing[stage] == 0]
     futures: dict = {}
     finished: queue.SimpleQueue[str] = queue.SimpleQueue()
-    stage_task = run_stage.with_options(retries=retries)
     # A slot per stage running at once: it decides the stage's GPU (gpu_of_slot), so at most
     # max_parallel stages are submitted at a time and a finished stage hands its slot on.
-    gpus, free_slots, slot_of = visible_gpus(), list(range(max_parallel)), {}
+    free_slots, slot_of = list(range(max_parallel)), {}
 
     # A runner of our own rather than the flow's: its size is a flow parameter, so that a
     # served deployment can change it per run.
@@ -211,9 +120,7 @@ def run_graph(graph: nx.DiGraph, repo: str, max_parallel: int, retries: int) -> 
                 stage = ready.pop(0)
                 slot_of[stage] = free_slots.pop(0)
                 upstream = [futures[u] for u in graph.predecessors(stage)]
-                parameters = {"repo": repo, "stage": stage, "threads": threads_per_stage(max_parallel),
-                              "gpu": gpu_of_slot(slot_of[stage], gpus)}
-                future = runner.submit(stage_task, parameters, wait_for=upstream)
+                future = runner.submit(stage_task, parameters_of(stage, slot_of[stage]), wait_for=upstream)
                 futures[stage] = future
                 future.add_done_callback(lambda _, s=stage: finished.put(s))
 
@@ -246,6 +153,24 @@ def failure_message(summary: dict[str, str], errors: dict[str, BaseException]) -
     return "\n\n".join([head, *(str(error) for error in errors.values())])
 
 
+def here_plan(graph: nx.DiGraph, root: str, max_parallel: int):
+    """Stages run in `root` on this machine, each with its share of the cores or its own GPU."""
+    gpus, threads = visible_gpus(), threads_per_stage(max_parallel)
+    return run_stage, lambda stage, slot: {"repo": root, "stage": stage, "threads": threads,
+                                           "gpu": gpu_of_slot(slot, gpus)}
+
+
+def on_workers_plan(graph: nx.DiGraph, root: str, max_parallel: int):
+    """Stages run on the work pool's workers, at the commit `root` has checked out; each worker
+    uses its own machine's cores and devices."""
+    from flows.remote import commit_of, run_stage_on_workers  # it imports this module
+
+    rev = commit_of(Path(root))
+    return run_stage_on_workers, lambda stage, slot: {
+        "repo": root, "stage": stage, "rev": rev, "upstream": sorted(graph.predecessors(stage)),
+        "sources": graph.nodes[stage]["sources"]}
+
+
 @flow(name="segpipe")
 def pipeline(
     repo: str = ".",
@@ -253,12 +178,17 @@ def pipeline(
     max_parallel: int = 2,
     retries: int = 1,
     verify: bool = True,
+    on_workers: bool = False,
+    retry_delay_s: float = 10.0,
 ) -> dict[str, str]:
     """Bring the DVC pipeline (or `targets` and their upstream stages) up to date.
 
     `targets`: stage names (`final`), matrix/foreach groups (`train` = every `train@...`) or
-    globs (`train@kvasir-*`). Returns stage -> "ran" | "restored" | "up to date"; on failure
-    raises PipelineFailed (also carrying the summary, with "failed" and "not run").
+    globs (`train@kvasir-*`). A failed stage is retried `retries` times, after `retry_delay_s`,
+    then twice that, and so on. `on_workers`: run each stage on the `segpipe` work pool's workers
+    through the DVC remote (flows.remote) rather than here. Returns stage -> "ran" | "restored" |
+    "up to date"; on failure raises PipelineFailed (also carrying the summary, with "failed" and
+    "not run").
     """
     if max_parallel < 1:
         raise ValueError(f"max_parallel must be at least 1, got {max_parallel}")
@@ -267,7 +197,10 @@ def pipeline(
     graph = select(read_graph(root), targets)
     logger.info("%d stages, up to %d at once: %s", len(graph), max_parallel,
                 ", ".join(topological_order(graph)))
-    summary, errors = run_graph(graph, root, max_parallel, retries)
+    stage_task, parameters_of = (on_workers_plan if on_workers else here_plan)(graph, root, max_parallel)
+    stage_task = stage_task.with_options(
+        retries=retries, retry_delay_seconds=exponential_backoff(backoff_factor=retry_delay_s))
+    summary, errors = run_graph(graph, max_parallel, stage_task, parameters_of)
     publish_evaluation(root, summary)  # a markdown and a table artifact per dataset evaluated
 
     changed = [s for s, outcome in summary.items() if outcome in (RAN, RESTORED)]
@@ -284,6 +217,29 @@ def pipeline(
     return summary
 
 
+def retrain_targets(datasets: list[str], archs: list[str] | None) -> list[str]:
+    """Each dataset's evaluation (its every member, ensemble and report) or, with `archs`, only the
+    folds of those archs: trained and predicted, ready for the next ensemble."""
+    if not archs:
+        return [f"evaluate@{dataset}" for dataset in datasets]
+    return [f"infer@{dataset}-{arch}-*" for dataset in datasets for arch in archs]
+
+
+@flow(name="retrain")
+def retrain(
+    datasets: list[str],
+    archs: list[str] | None = None,
+    repo: str = ".",
+    max_parallel: int = 2,
+    retries: int = 1,
+    on_workers: bool = False,
+) -> dict[str, str]:
+    """Bring some datasets (and archs) up to date after their data or params changed, without
+    waiting for the nightly run: the pipeline flow on retrain_targets. DVC reruns what changed."""
+    return pipeline(repo=repo, targets=retrain_targets(datasets, archs), max_parallel=max_parallel,
+                    retries=retries, on_workers=on_workers)
+
+
 # `segpipe predict ...` and `segpipe export ...` hand their arguments, unchanged, to these stage
 # modules: their own parsers give the help, the errors and the exit codes.
 FORWARDED = {
@@ -298,8 +254,15 @@ def deployment(name: str, cron: str, parameters: dict):
     return pipeline.to_deployment(name=name, cron=cron, parameters=parameters, concurrency_limit=1)
 
 
+def retrain_deployment(parameters: dict):
+    """On demand, one run at a time on the repo, like the nightly one; `datasets` given per run."""
+    defaults = {key: parameters[key] for key in ("repo", "max_parallel", "retries", "on_workers")}
+    return retrain.to_deployment(name="retrain", parameters=defaults, concurrency_limit=1)
+
+
 def serve(name: str, cron: str, parameters: dict) -> int:
-    """Serve the nightly pipeline and, on the same repo, the unscheduled predict deployment."""
+    """Serve the nightly pipeline and, on the same repo, the unscheduled retrain and predict
+    deployments."""
     import prefect
     from prefect.settings import PREFECT_API_URL
 
@@ -310,7 +273,8 @@ def serve(name: str, cron: str, parameters: dict) -> int:
     os.chdir(PROJECT_ROOT)
     from flows.predict import deployment as predict_deployment  # here: it imports this module
 
-    prefect.serve(deployment(name, cron, parameters), predict_deployment(parameters["repo"]))
+    prefect.serve(deployment(name, cron, parameters), retrain_deployment(parameters),
+                  predict_deployment(parameters["repo"]))
     return 0
 
 
@@ -332,7 +296,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run the pipeline once")
-    serve = commands.add_parser("serve", help="serve the nightly pipeline and on-demand predict")
+    serve = commands.add_parser("serve", help="serve the nightly pipeline, retrain and predict")
     serve.add_argument("--cron", default="0 2 * * *", help="schedule (default: nightly, 02:00)")
     serve.add_argument("--name", default="nightly", help="the pipeline deployment's name")
     for sub in (run, serve):
@@ -341,8 +305,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                          help="stages, groups (train) or globs; upstream stages come along")
         sub.add_argument("--max-parallel", type=int, default=2, help="stages at once (default 2)")
         sub.add_argument("--retries", type=int, default=1, help="retries per stage (default 1)")
+        sub.add_argument("--retry-delay", type=float, default=10.0, metavar="S",
+                         help="seconds before a stage's first retry, doubled for each next one (default 10)")
         sub.add_argument("--no-verify", dest="verify", action="store_false",
                          help="skip the `dvc status` check after the run")
+        sub.add_argument("--on-workers", action="store_true",
+                         help="run stages on the `segpipe` work pool's workers, through the DVC remote")
     for name, summary in FORWARDED.items():  # listed for --help; main dispatches them unparsed
         commands.add_parser(name, help=f"{summary}; see `segpipe {name} --help`", add_help=False)
     return parser.parse_args(argv)
@@ -355,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     parameters = {"repo": str(Path(args.repo).resolve()), "targets": args.targets,
                   "max_parallel": args.max_parallel, "retries": args.retries,
-                  "verify": args.verify}
+                  "verify": args.verify, "on_workers": args.on_workers, "retry_delay_s": args.retry_delay}
     if args.command == "serve":
         return serve(args.name, args.cron, parameters)
     try:

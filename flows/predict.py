@@ -17,7 +17,8 @@ from typing import Literal
 
 from prefect import flow
 
-from flows.pipeline import run_logged, stage_env, threads_per_stage
+from flows.pipeline import threads_per_stage
+from flows.stage import run_logged, stage_env
 
 
 class PredictFailed(RuntimeError):

@@ -44,10 +44,12 @@ STAGE_SCRIPT = textwrap.dedent(
     def work(item):
         start = time.time()
         params = yaml.safe_load(Path("params.yaml").read_text())["work"]
-        if params["fail"] == item:
-            Path("attempts").mkdir(exist_ok=True)
-            with open(f"attempts/{item}.log", "a") as log:
-                log.write("attempt\\n")
+        Path("attempts").mkdir(exist_ok=True)
+        with open(f"attempts/{item}.log", "a") as log:
+            log.write(f"{start}\\n")
+        tries = len(Path(f"attempts/{item}.log").read_text().split())
+        # `fail`: this item always fails; `flaky`: item -> how many first tries fail.
+        if params["fail"] == item or tries <= params["flaky"].get(item, 0):
             sys.exit(f"boom from {item}")
         time.sleep(params["sleep"])
         value = int(Path("data/source.txt").read_text()) * params["scale"]
@@ -88,7 +90,7 @@ def make_repo(root: Path, **work_params) -> Path:
     dvc(root, "init", "-q")
     dvc(root, "config", "core.analytics", "false")
     (root / "stage.py").write_text(STAGE_SCRIPT)
-    params = {"scale": 2, "sleep": 2.0, "fail": "none", **work_params}
+    params = {"scale": 2, "sleep": 2.0, "fail": "none", "flaky": {}, **work_params}
     (root / "params.yaml").write_text(yaml.safe_dump({"work": params}))
     stages = {
         "source": {"cmd": "python stage.py source", "deps": ["stage.py"],
@@ -215,7 +217,7 @@ def test_failing_stage_fails_the_flow_by_name_and_skips_downstream(flows_pipelin
     repo = make_repo(tmp_path / "repo", sleep=0.0, fail="c")
 
     with pytest.raises(flows_pipeline.PipelineFailed) as failure:
-        flows_pipeline.pipeline(repo=str(repo), max_parallel=2, retries=1)
+        flows_pipeline.pipeline(repo=str(repo), max_parallel=2, retries=1, retry_delay_s=0.5)
 
     message = str(failure.value)
     assert "work@c" in message and "boom from c" in message  # the stage and DVC's output
@@ -224,6 +226,20 @@ def test_failing_stage_fails_the_flow_by_name_and_skips_downstream(flows_pipelin
     assert len((repo / "attempts/c.log").read_text().splitlines()) == 2  # first try + 1 retry
     assert not (repo / "out/final.json").exists()
     assert locked_stages(repo) == {"source", "work@a", "work@b", "work@d"}
+
+
+@pytest.mark.slow
+def test_a_transient_failure_is_retried_with_backoff_and_the_downstream_stages_then_run(flows_pipeline, tmp_path):
+    repo = make_repo(tmp_path / "repo", sleep=0.0, flaky={"b": 2})
+
+    summary = flows_pipeline.pipeline(repo=str(repo), max_parallel=2, retries=2, retry_delay_s=1.0)
+
+    assert summary == dict.fromkeys(ALL_STAGES, "ran")
+    tries = [float(t) for t in (repo / "attempts/b.log").read_text().split()]
+    assert len(tries) == 3
+    assert tries[1] - tries[0] >= 1.0 and tries[2] - tries[1] >= 2.0  # backoff: 1 s, then 2 s
+    assert json.loads((repo / "out/final.json").read_text()) == {"total": 4 * 10 * 2}
+    assert json.loads(dvc(repo, "status", "--json")) == {}
 
 
 @pytest.mark.slow
@@ -279,3 +295,15 @@ def test_stages_running_at_once_never_share_a_gpu_and_split_the_cores(flows_pipe
     assert overlapping, "no two stages ran at once"
     for a, b in overlapping:
         assert records[a]["gpu"] != records[b]["gpu"], (a, b)
+
+
+def test_retrain_targets_a_datasets_evaluation_or_only_the_folds_of_some_archs():
+    from flows.pipeline import retrain_targets
+
+    graph = read_graph(PROJECT_ROOT)
+    whole = set(select(graph, retrain_targets(["kvasir"], None)))
+    assert {"evaluate@kvasir", "ensemble@kvasir", "train@kvasir-unet-0", "ingest@kvasir"} <= whole
+    assert not any("hand_xray" in stage or "usc_timit" in stage for stage in whole)
+    some = set(select(graph, retrain_targets(["kvasir", "usc_timit"], ["unet"])))
+    assert {"train@kvasir-unet-0", "infer@usc_timit-unet-1"} <= some
+    assert not any(stage.startswith(("ensemble@", "evaluate@")) or "hand_xray" in stage for stage in some)

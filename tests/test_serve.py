@@ -7,123 +7,23 @@ group with its own PREFECT_HOME, stopped at teardown whatever happened; every wa
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import importlib
-import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
-from collections.abc import Callable
-from pathlib import Path
 
-import psutil
 import pytest
 from PIL import Image
 
 from tests.pipeline_repo import env
+from tests.prefect_server import RUN_S, deployments_of, prefect_api, start, stop, tail, wait_for  # noqa: F401
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-STARTUP_S = 240  # the server migrates its database first; the machine may be busy
-RUN_S = 900  # a predict run, flow-run process start-up included
-NIGHTLY, PREDICT = "segpipe/nightly", "predict/predict"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start(command: list[str], log: Path, environ: dict[str, str]) -> subprocess.Popen:
-    with log.open("w") as out:  # the child keeps its own copy of the file
-        return subprocess.Popen(command, cwd=PROJECT_ROOT, env=environ, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """End `proc`, its process group and every descendant (a served flow run may start a session
-    of its own): SIGTERM, then SIGKILL for what is left after 30 s."""
-    family: list[psutil.Process] = []
-    with contextlib.suppress(psutil.NoSuchProcess):
-        family = psutil.Process(proc.pid).children(recursive=True)
-    for signum in (signal.SIGTERM, signal.SIGKILL):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signum)
-        for member in family:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                member.send_signal(signum)
-        _, alive = psutil.wait_procs(family, timeout=30)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=30)
-            if not alive:
-                return
-
-
-def tail(log: Path, lines: int = 60) -> str:
-    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
-
-
-def wait_for(ready: Callable[[], object], what: str, proc: subprocess.Popen, log: Path):
-    """`ready()`'s first truthy value; fails with the log's tail if `proc` exits or STARTUP_S pass."""
-    deadline = time.monotonic() + STARTUP_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"{what}: the process exited with {proc.returncode}:\n{tail(log)}")
-        if value := ready():
-            return value
-        time.sleep(1)
-    pytest.fail(f"{what}: not ready within {STARTUP_S} s:\n{tail(log)}")
-
-
-def healthy(api: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{api}/health", timeout=5) as response:
-            return response.status == 200
-    except OSError:
-        return False
-
-
-def deployments_of(client, names: list[str]) -> dict | None:
-    """The deployments called `names` ("flow/deployment"), or None until all are registered."""
-    from prefect.exceptions import ObjectNotFound
-
-    try:
-        return {name: client.read_deployment_by_name(name) for name in names}
-    except ObjectNotFound:
-        return None
-
-
-@pytest.fixture(scope="module")
-def prefect_api(tmp_path_factory):
-    """A real `prefect server start` on a free local port; this process's client points at it."""
-    root = tmp_path_factory.mktemp("prefect-server")
-    port = free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    server_env = {**env(), "PREFECT_HOME": str(root / "home"), "PREFECT_UI_ENABLED": "false"}
-    server_env.pop("PREFECT_API_URL", None)
-    log = root / "server.log"
-    server = start([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                    "--port", str(port)], log, server_env)
-    try:
-        wait_for(lambda: healthy(api), "prefect server", server, log)
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("PREFECT_HOME", str(root / "client-home"))  # before prefect's first import
-            from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
-
-            with temporary_settings({PREFECT_API_URL: api, PREFECT_HOME: root / "client-home"}):
-                yield api
-    finally:
-        stop(server)
+NIGHTLY, RETRAIN, PREDICT = "segpipe/nightly", "retrain/retrain", "predict/predict"
 
 
 @pytest.fixture(scope="module")
 def served(prefect_api, trained_repo, tmp_path_factory):
-    """`python -m flows.pipeline serve --repo <trained repo>` against the server, once both of its
+    """`python -m flows.pipeline serve --repo <trained repo>` against the server, once its three
     deployments are registered: yields the repo, the deployments by name and the serve log."""
     from prefect import get_client
 
@@ -134,7 +34,7 @@ def served(prefect_api, trained_repo, tmp_path_factory):
                  log, serve_env)
     try:
         with get_client(sync_client=True) as client:
-            deployments = wait_for(lambda: deployments_of(client, [NIGHTLY, PREDICT]),
+            deployments = wait_for(lambda: deployments_of(client, [NIGHTLY, RETRAIN, PREDICT]),
                                    "serve's deployments", proc, log)
         yield trained_repo, deployments, log
     finally:
@@ -149,12 +49,15 @@ def run_predict(**parameters):
 
 
 @pytest.mark.slow
-def test_serve_registers_the_nightly_pipeline_and_an_unscheduled_predict_on_the_repo(served):
+def test_serve_registers_the_nightly_pipeline_and_unscheduled_retrain_and_predict_on_the_repo(served):
     repo, deployments, _ = served
-    nightly, predict = deployments[NIGHTLY], deployments[PREDICT]
+    nightly, retrain, predict = deployments[NIGHTLY], deployments[RETRAIN], deployments[PREDICT]
     assert [s.schedule.cron for s in nightly.schedules] == ["0 2 * * *"]
     assert nightly.parameters["repo"] == str(repo)
     assert nightly.global_concurrency_limit.limit == 1  # per deployment: predict never waits on it
+    assert retrain.schedules == [] and retrain.global_concurrency_limit.limit == 1
+    assert retrain.parameters["repo"] == str(repo) and "datasets" not in retrain.parameters
+    assert retrain.parameter_openapi_schema["required"] == ["datasets"]  # named per run
     assert predict.schedules == [] and predict.global_concurrency_limit is None
     assert predict.parameters == {"repo": str(repo)}
 
