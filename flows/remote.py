@@ -181,7 +181,7 @@ def record_of(markdown: str) -> dict:
 
 @flow(name="dvc-stage", flow_run_name="{stage}")
 def remote_stage(stage: str, rev: str, entries: dict[str, dict], pull: list[str],
-                 uncached: dict[str, dict[str, str]], threads: int | None = None) -> str:
+                 uncached: dict[str, dict[str, str]]) -> str:
     """Run one stage in this worker's clone (the working directory) at commit `rev`, given the
     coordinator's dvc.lock `entries` of the stage and its upstream stages; `pull`: the upstream
     stages and `.dvc` files whose outputs the stage reads; `uncached`: the upstream stages'
@@ -192,7 +192,7 @@ def remote_stage(stage: str, rev: str, entries: dict[str, dict], pull: list[str]
     unpack(clone, uncached)
     if pull:
         dvc(clone, "pull", *pull, what=f"stage {stage!r}: pulling its inputs")
-    outcome = run_stage(str(clone), stage, threads)
+    outcome = run_stage(str(clone), stage, threads=None)  # the worker machine's own cores
     dvc(clone, "push", stage, what=f"stage {stage!r}: pushing its outputs")
     entry = lock_entries(clone, [stage])[stage]
     outputs = uncached_of(clone, [stage])
@@ -217,8 +217,7 @@ def up_to_date(repo: Path, stage: str) -> bool:
 
 
 @task(name="dvc-stage-on-workers", task_run_name="{stage}", cache_policy=NO_CACHE)
-def run_stage_on_workers(repo: str, stage: str, rev: str, upstream: list[str], sources: list[str],
-                         threads: int | None = None) -> str:
+def run_stage_on_workers(repo: str, stage: str, rev: str, upstream: list[str], sources: list[str]) -> str:
     """Run `stage` as a `dvc-stage/stage` flow run on the work pool and bring its dvc.lock entry
     and outputs into the coordinator's repo `repo`. Returns the outcome the worker saw."""
     root = Path(repo)
@@ -229,7 +228,7 @@ def run_stage_on_workers(repo: str, stage: str, rev: str, upstream: list[str], s
         entries = lock_entries(root, [stage, *upstream])
         uncached = uncached_of(root, upstream)
     parameters = {"stage": stage, "rev": rev, "entries": entries, "pull": [*upstream, *sources],
-                  "uncached": uncached, "threads": threads}
+                  "uncached": uncached}
     flow_run = run_deployment(STAGE_DEPLOYMENT, parameters=parameters, timeout=None, poll_interval=2)
     state = flow_run.state
     if state is None or not state.is_completed():
