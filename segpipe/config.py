@@ -192,6 +192,8 @@ class TrainConfig(Section):
     schedule: Literal["cosine", "poly"] = Field("cosine", description="learning rate per epoch, from lr down to 0")
     poly_power: float = Field(0.9, gt=0, description="poly: lr * (1 - epoch / epochs) ** poly_power")
     top_k: int = Field(1, ge=1, description="best epochs kept by validation Dice, as top/epochNNN.pt")
+    ema_decay: float = Field(0.0, ge=0, lt=1, description="0: off; else validate and keep an exponential "
+                             "moving average of the weights, updated after every step with this decay")
     amp: bool = Field(True, description="mixed precision (autocast + GradScaler) when training on CUDA")
     foreground_fraction: float = Field(
         0.33, ge=0, le=1, description="tiled training (tile_scale): share of crops centred on a labelled pixel"

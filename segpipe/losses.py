@@ -5,6 +5,7 @@ Contract with the training loop: a loss is an nn.Module called as `loss(logits, 
 (N, K, H, W) float. A loss whose class has `needs_weight_map = True` is called as
 `loss(logits, target, weight)` instead, with weight (N, K, H, W) float from its
 `weight_map(mask (K, H, W) uint8)`, computed once per sample by the caller and cached.
+output_loss applies a loss to what a network returns in training, deep-supervision outputs included.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.losses import DiceFocalLoss, DiceLoss, TverskyLoss
+from monai.losses import DeepSupervisionLoss, DiceFocalLoss, DiceLoss, TverskyLoss
 from torch import nn
 
 from segpipe.config import LossConfig
@@ -80,3 +81,15 @@ def build(name: str, options: LossConfig | None = None) -> nn.Module:
     if name not in LOSSES:
         raise ConfigError(f"train.loss: unknown loss {name!r}; known: {sorted(LOSSES)}")
     return LOSSES[name](options or LossConfig())
+
+
+def output_loss(loss_fn: nn.Module, logits: torch.Tensor, target: torch.Tensor,
+                weight: torch.Tensor | None = None) -> torch.Tensor:
+    """`loss_fn` of a training forward pass. A deep-supervision network (dynunet) returns the outputs
+    of several decoder levels, upsampled, stacked on dim 1: MONAI's DeepSupervisionLoss sums their
+    losses weighted 1, 1/2, 1/4, ... (finest first)."""
+    if logits.ndim == target.ndim:
+        return loss_fn(logits, target) if weight is None else loss_fn(logits, target, weight)
+    if weight is not None:
+        raise ConfigError("train.loss: a loss with a weight map cannot train a deep-supervision network (dynunet)")
+    return DeepSupervisionLoss(loss_fn)(list(logits.unbind(1)), target)

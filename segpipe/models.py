@@ -11,6 +11,9 @@ least twice it to train (instance norm needs more than one pixel at the deepest 
 - attention_unet: AttentionUnet, one level per entry of channels.         multiple of 2**(len-1)
 - segresnet: SegResNet, init_filters c0 doubling over len(channels) levels. multiple of 2**(len-1)
 - swin_unetr: SwinUNETR, feature_size c0 rounded up to a multiple of 12.  multiple of 32
+- dynunet: DynUNet, nnU-Net's network: two 3x3 convolutions a level (instance norm,
+  leaky ReLU), one level per entry of channels, trained with deep supervision
+  (the outputs of all but the two deepest decoder levels).                multiple of 2**(len-1)
 - flexible_unet: FlexibleUNet, EfficientNet encoder (`encoder`, random init unless
   `encoder_weights` names a local file), decoder channels doubled out to 5, reversed. multiple of 32
 """
@@ -23,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from monai.networks.nets import AttentionUnet, BasicUNetPlusPlus, FlexibleUNet, SegResNet, SwinUNETR, UNet
+from monai.networks.nets import AttentionUnet, BasicUNetPlusPlus, DynUNet, FlexibleUNet, SegResNet, SwinUNETR, UNet
 from torch import nn
 
 from segpipe.errors import ConfigError
@@ -102,6 +105,15 @@ def _attention_unet(in_channels: int, out_channels: int, channels: tuple[int, ..
     return AttentionUnet(2, in_channels, out_channels, channels=channels, strides=strides)
 
 
+def _dynunet(in_channels: int, out_channels: int, channels: tuple[int, ...], **_) -> nn.Module:
+    # In training it returns every supervised output, upsampled, stacked on dim 1 (losses.output_loss);
+    # in eval mode the final output alone.
+    strides = (1,) + (2,) * (len(channels) - 1)
+    return DynUNet(2, in_channels, out_channels, kernel_size=(3,) * len(channels), strides=strides,
+                   upsample_kernel_size=strides[1:], filters=channels, deep_supervision=True,
+                   deep_supr_num=max(1, len(channels) - 2))
+
+
 def _segresnet(in_channels: int, out_channels: int, channels: tuple[int, ...], **_) -> nn.Module:
     levels = len(channels)
     return SegResNet(
@@ -145,6 +157,7 @@ ARCHS: dict[str, Arch] = {
     "unet": Arch(_unet, _per_level),
     "unetpp": Arch(_unetpp, lambda c: 16),
     "attention_unet": Arch(_attention_unet, _per_level),
+    "dynunet": Arch(_dynunet, _per_level),
     "segresnet": Arch(_segresnet, _per_level),
     "swin_unetr": Arch(_swin_unetr, lambda c: 32),
     "flexible_unet": Arch(_flexible_unet, lambda c: 32),

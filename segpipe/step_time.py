@@ -67,7 +67,7 @@ def measure(step: dict[str, Any], device: torch.device) -> float:
     for i in range(WARMUP + TIMED):
         start, cpu = time.perf_counter(), time.thread_time()
         optimizer.zero_grad(set_to_none=True)
-        loss_fn(model(x), y).backward()
+        losses.output_loss(loss_fn, model(x), y).backward()
         optimizer.step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)

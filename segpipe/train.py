@@ -1,7 +1,8 @@
 """The training loop: seeded, early-stopped on validation Dice, top-k checkpointed, resumable.
 
 Files in the output directory:
-    top/epochNNN.pt  the k best epochs by validation Dice ({"state_dict", "meta"})
+    top/epochNNN.pt  the k best epochs by validation Dice ({"state_dict", "meta"}); with ema_decay, the
+                     moving average of the weights, which is what was validated
     best.pt          a copy of the best of them, written when training ends
     last.pt          the latest epoch, plus everything a resumed run needs under "resume": optimizer,
                      scheduler, AMP scaler, every RNG, the top-k ranking, the early-stopping state, the
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from segpipe import losses, models
 from segpipe.config import TrainConfig
@@ -199,7 +201,7 @@ def train_step(
     with torch.autocast(device_type=device.type, enabled=amp):
         logits = model(x)
     # The loss in float32: sums over many pixels lose too much in float16.
-    loss = loss_fn(logits.float(), y, w) if w is not None else loss_fn(logits.float(), y)
+    loss = losses.output_loss(loss_fn, logits.float(), y, w)
     scaler.scale(loss).backward()
     scaler.step(optimizer)
     scaler.update()
@@ -298,6 +300,10 @@ def fit(
     scheduler = SCHEDULES[cfg.schedule](optimizer, cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=amp)
     generator = torch.Generator().manual_seed(cfg.seed)
+    # The moving average is what is validated and kept; the trained weights go on only in last.pt.
+    ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+           if cfg.ema_decay else None)
+    evaluated = ema.module if ema is not None else model
     roi = tuple(meta["image_size"])
     start, stopped, ranking, history = 0, False, None, []
     state = checkpoint_to_resume(out_dir, cfg, meta, inputs, resume)
@@ -307,6 +313,8 @@ def fit(
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"], generator)
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
         start, stopped, ranking, history = state["epoch"] + 1, state["stopped"], state["top"], state["history"]
         log.info("resuming after epoch %d", state["epoch"])
     if tracker is not None:
@@ -321,12 +329,14 @@ def fit(
         for step, idx in enumerate(next_batches(len(train), cfg.batch_size, cfg.steps_per_epoch, generator)):
             batch = train.batch(idx, generator, weight_map)
             total += train_step(model, loss_fn, optimizer, scaler, batch, device, amp)
+            if ema is not None:
+                ema.update_parameters(model)
             if progress is not None:
                 progress(epoch * cfg.steps_per_epoch + step + 1, total_steps)
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
 
-        val_dice = validate(model, val, roi, cfg.batch_size, device, amp)
+        val_dice = validate(evaluated, val, roi, cfg.batch_size, device, amp)
         train_loss = total / cfg.steps_per_epoch
         log.info("epoch %d: train loss %.4f, val dice %.4f, lr %.3g", epoch, train_loss, val_dice, lr)
         history.append((train_loss, val_dice, lr))
@@ -334,12 +344,13 @@ def fit(
             record(tracker, history[-1])
 
         epoch_meta = {**meta, "epoch": epoch, "val_dice": val_dice}
-        top.offer(epoch, val_dice, model, epoch_meta)
+        top.offer(epoch, val_dice, evaluated, epoch_meta)
         stopped = epoch - top.best[1] >= cfg.patience
         save_checkpoint(out_dir / "last.pt", model, epoch_meta, resume=plain({
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
             "rng": rng_state(generator), "epoch": epoch, "stopped": stopped, "top": top.ranking,
             "config": cfg.model_dump(mode="json"), "meta": meta, "inputs": inputs, "history": history,
+            "ema": ema.state_dict() if ema is not None else None,
         }))
         top.prune()
         if stopped:

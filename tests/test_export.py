@@ -123,7 +123,7 @@ def test_the_bundle_decodes_input_files_to_the_pixels_ingest_stores(tmp_path, ph
         assert np.array_equal(bundle_runtime.read_video(path), stored_pixels(usc_timit, path)), path
 
 
-@pytest.mark.parametrize("arch", ["unet", "segresnet", "attention_unet"])
+@pytest.mark.parametrize("arch", ["unet", "segresnet", "attention_unet", "dynunet"])
 def test_torchscript_gives_the_networks_logits_bit_for_bit(arch):
     meta = {**unet_meta(3), "arch": arch}
     model = new_model(meta, 0).eval()

@@ -44,11 +44,15 @@ def test_every_architecture_learns_with_every_loss(arch, loss_name):
         extra = (torch.from_numpy(np.stack([loss_fn.weight_map(m) for m in masks])),)
     torch.manual_seed(0)
     model = models.build(arch, 1, 2, CHANNELS)
+    if extra and arch == "dynunet":
+        with pytest.raises(ConfigError, match="weight map cannot train a deep-supervision network"):
+            losses.output_loss(loss_fn, model(x), target, *extra)
+        return
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
     history = []
     for _ in range(12):
         optimizer.zero_grad()
-        loss = loss_fn(model(x), target, *extra)
+        loss = losses.output_loss(loss_fn, model(x), target, *extra)
         loss.backward()
         optimizer.step()
         history.append(loss.item())
@@ -64,6 +68,19 @@ def test_every_architecture_maps_an_image_batch_to_per_class_logits_of_the_same_
         out = model(torch.randn(2, 3, size, 2 * size))
     assert isinstance(out, torch.Tensor)  # unetpp's deep-supervision list is reduced to its final output
     assert out.shape == (2, 5, size, 2 * size)
+
+
+def test_dynunet_trains_on_its_final_and_upsampled_deeper_outputs_weighted_by_halves():
+    x, masks = two_class_batch(smallest_size("dynunet"))
+    target, loss_fn = torch.from_numpy(masks).float(), losses.build("bce_dice")
+    torch.manual_seed(0)
+    model = models.build("dynunet", 1, 2, CHANNELS)
+    heads = model(x)  # training mode: the final output and one deeper level's, at the input's size
+    assert heads.shape == (2, 2, 2, *x.shape[-2:])
+    expected = loss_fn(heads[:, 0], target) + 0.5 * loss_fn(heads[:, 1], target)
+    assert losses.output_loss(loss_fn, heads, target).item() == pytest.approx(expected.item(), rel=1e-6)
+    with torch.no_grad():
+        assert model.eval()(x).shape == (2, 2, *x.shape[-2:])
 
 
 def test_widths_follow_the_channels_param_cut_or_doubled_to_the_levels_an_architecture_has():

@@ -316,6 +316,23 @@ class Killed(Exception):
     """Stands for a kill in the middle of an epoch."""
 
 
+def test_with_ema_the_kept_checkpoint_is_the_moving_average_of_the_weights_after_each_step(disc_stores, tmp_path):
+    train, val = _data(disc_stores)
+    cfg = CFG.model_copy(update={"epochs": 1, "steps_per_epoch": 4, "ema_decay": 0.7})
+    model, snapshots = new_model(META, 0), []
+    out = _out(tmp_path)
+    fit(model, train, val, cfg, out, CPU, META, progress=lambda done, total: snapshots.append(
+        {k: v.clone() for k, v in model.state_dict().items()}))
+    expected = dict(snapshots[0])  # the first update copies the weights, then each step moves 30% of the way
+    for weights in snapshots[1:]:
+        expected = {k: 0.7 * expected[k] + 0.3 * weights[k] for k in expected}
+    kept, last = (torch.load(out / name, weights_only=True)["state_dict"] for name in ("best.pt", "last.pt"))
+    assert kept.keys() == expected.keys()
+    assert all(torch.allclose(kept[k], expected[k], rtol=1e-5, atol=1e-7) for k in kept)
+    assert all(torch.equal(last[k], snapshots[-1][k]) for k in last)  # training goes on from the trained weights
+    assert not all(torch.equal(kept[k], last[k]) for k in kept)
+
+
 def _kill_at(step: int):
     def progress(done, total):
         if done == step:
@@ -329,9 +346,10 @@ def _state_dicts_equal(a: Path, b: Path) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_a_run_killed_mid_epoch_resumes_automatically_and_replays_its_metrics(disc_stores, tmp_path):
+@pytest.mark.parametrize("ema_decay", [0.0, 0.9])
+def test_a_run_killed_mid_epoch_resumes_automatically_and_replays_its_metrics(disc_stores, tmp_path, ema_decay):
     train, val = _data(disc_stores)
-    cfg = CFG.model_copy(update={"epochs": 4, "top_k": 2})
+    cfg = CFG.model_copy(update={"epochs": 4, "top_k": 2, "ema_decay": ema_decay})
     inputs = {"images": "sha-a", "code": "sha-c"}
     whole, killed, resumed = Recorder(), Recorder(), Recorder()
     (tmp_path / "whole").mkdir()
