@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, model_validator
 
 from segpipe.errors import ConfigError
 
@@ -313,8 +313,9 @@ class PlanConfig(Section):
     budget_minutes: dict[Literal[DATASET_NAMES], float] = Field(
         {}, description="training time of all a dataset's folds and archs together (default 20)"
     )
-    max_passes: float = Field(
-        150, gt=0, description="most times a fold sees each training sample: small data stop here, not at the budget"
+    max_passes: dict[Literal[DATASET_NAMES], PositiveFloat] = Field(
+        {}, description="most times a fold sees each training sample (default 150): small data stop here, "
+        "not at the budget"
     )
     memory_mb: int = Field(2048, ge=64, description="activation memory a training batch may take")
     max_batch: int = Field(8, ge=1)
@@ -330,6 +331,9 @@ class PlanConfig(Section):
 
     def budget_for(self, dataset: str) -> float:
         return self.budget_minutes.get(dataset, 20.0)
+
+    def passes_for(self, dataset: str) -> float:
+        return self.max_passes.get(dataset, 150.0)
 
 
 class EvaluateConfig(Section):

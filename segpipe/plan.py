@@ -182,12 +182,13 @@ def plan_epochs(fp: dict[str, Any], plan: dict[str, dict[str, Any]], params: Par
     # 10% of the budget is left for validation after each epoch and for loading the data.
     by_budget = 0.9 * budget * 60 / (members * seconds)
     samples = training_samples(fp, plan, len(cfg.folds))
-    by_data = rules.max_passes * samples / batch
+    max_passes = rules.passes_for(dataset)
+    by_data = max_passes * samples / batch
     steps = min(by_budget, by_data)
     epochs = max(1, math.floor(steps / steps_per_epoch))
     bound = (f"budget {budget:g} min over {members} models at {seconds:g} s a step ({where}): {by_budget:.0f} steps"
              if by_budget <= by_data else
-             f"max_passes {rules.max_passes:g} over {samples} training samples: {by_data:.0f} steps "
+             f"max_passes {max_passes:g} over {samples} training samples: {by_data:.0f} steps "
              f"(the budget of {budget:g} min would allow {by_budget:.0f} at {seconds:g} s a step, {where})")
     return entry(epochs, "measurement" if by_budget <= by_data else "rule",
                  f"{bound}, in epochs of {steps_per_epoch} steps")

@@ -119,7 +119,7 @@ def test_an_explicit_param_wins_over_the_plan_and_says_where_it_is_set(tiny):
 
 def test_epochs_come_from_the_budget_and_a_cached_step_time_so_replanning_gives_the_same_bytes(tiny, tmp_path):
     fp = fingerprint(*tiny, ["a", "b"])
-    cfg = params(plan={"budget_minutes": {"hand_xray": 0.05}, "max_passes": 1e6})
+    cfg = params(plan={"budget_minutes": {"hand_xray": 0.05}, "max_passes": {"hand_xray": 1e6}})
     first = make_plan(fp, cfg, "hand_xray", CPU)
     again = make_plan(fp, cfg, "hand_xray", CPU)
     assert json.dumps(first, sort_keys=True) == json.dumps(again, sort_keys=True)
@@ -132,7 +132,7 @@ def test_epochs_come_from_the_budget_and_a_cached_step_time_so_replanning_gives_
 
 
 def test_small_data_stop_at_max_passes_not_the_budget(tiny):
-    cfg = params(plan={"budget_minutes": {"hand_xray": 1000}, "max_passes": 100})
+    cfg = params(plan={"budget_minutes": {"hand_xray": 1000}, "max_passes": {"hand_xray": 100, "kvasir": 1e6}})
     epochs = make_plan(fingerprint(*tiny, ["a", "b"]), cfg, "hand_xray", CPU)["plan"]["epochs"]
     # 2 frames, 3 folds: a fold trains on round(2 * 2 / 3) = 1 sample; 100 passes of batch 8 -> 12.5 steps
     assert epochs["source"] == "rule" and epochs["value"] == 1
