@@ -13,7 +13,8 @@ least twice it to train (instance norm needs more than one pixel at the deepest 
 - swin_unetr: SwinUNETR, feature_size c0 rounded up to a multiple of 12.  multiple of 32
 - dynunet: DynUNet, nnU-Net's network: two 3x3 convolutions a level (instance norm,
   leaky ReLU), one level per entry of channels, trained with deep supervision
-  (the outputs of all but the two deepest decoder levels).                multiple of 2**(len-1)
+  (the output of every level above the bottleneck: the final one and len-2 deeper).
+                                                                          multiple of 2**(len-1)
 - flexible_unet: FlexibleUNet, EfficientNet encoder (`encoder`, random init unless
   `encoder_weights` names a local file), decoder channels doubled out to 5, reversed. multiple of 32
 """
